@@ -1,0 +1,153 @@
+"""The import phase machine: Info -> Transfer* -> Convert -> Resize -> Complete.
+
+This mirrors KubeVirt CDI's data processor.  The source decides, in ``info``,
+which path its data takes (straight onto the volume, through scratch space and
+qemu-img, or extracted as an archive); the processor runs the phases, refuses
+to visit a phase twice (a loop is a bug, not a retry), and leaves conversion,
+validation and resizing, which every source shares, in one place.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from importer import errors, qemu_img
+from importer.progress import Progress
+from importer.settings import Settings
+from importer.target import Target
+
+log = logging.getLogger(__name__)
+
+
+class Phase(enum.Enum):
+    INFO = "Info"
+    TRANSFER_SCRATCH = "TransferScratch"
+    TRANSFER_DATA_DIR = "TransferDataDir"
+    TRANSFER_DATA_FILE = "TransferDataFile"
+    VALIDATE_PRE_SCRATCH = "ValidatePreScratch"
+    CONVERT = "Convert"
+    RESIZE = "Resize"
+    COMPLETE = "Complete"
+    PAUSE = "Pause"
+
+
+class Source(Protocol):
+    """What a data source offers the processor (CDI's DataSourceInterface)."""
+
+    def info(self) -> Phase: ...
+
+    def transfer(self, scratch_dir: Path) -> Phase:
+        """Write the image into scratch space; return the next phase (Convert)."""
+        ...
+
+    def transfer_file(self, target: Target) -> Phase:
+        """Write a raw image straight onto the target; return the next phase."""
+        ...
+
+    def transfer_dir(self, data_dir: Path) -> Phase:
+        """Extract an archive into the data directory; return the next phase."""
+        ...
+
+    def url(self) -> str:
+        """Where qemu-img reads the image from in the Convert phase."""
+        ...
+
+    def image_format(self) -> str: ...
+
+    def close(self) -> None: ...
+
+
+class Processor:
+    def __init__(self, source: Source, *, settings: Settings, target: Target,
+                 progress: Progress) -> None:
+        self._source = source
+        self._settings = settings
+        self._target = target
+        self._progress = progress
+        self.preallocation_applied = False
+        self._executors: dict[Phase, Callable[[], Phase]] = {
+            Phase.INFO: source.info,
+            Phase.TRANSFER_SCRATCH: self._transfer_scratch,
+            Phase.TRANSFER_DATA_FILE: self._transfer_data_file,
+            Phase.TRANSFER_DATA_DIR: self._transfer_data_dir,
+            Phase.CONVERT: self._convert,
+            Phase.RESIZE: self._resize,
+        }
+
+    def run(self) -> Phase:
+        phase = Phase.INFO
+        visited: set[Phase] = set()
+        while phase not in (Phase.COMPLETE, Phase.PAUSE):
+            if phase in visited:
+                raise errors.PhaseLoop(phase=phase.value)
+            visited.add(phase)
+            executor = self._executors.get(phase)
+            if executor is None:
+                raise errors.ProcessingError(reason=f"unknown phase {phase.value}")
+            log.info("PHASE %s", phase.value)
+            phase = executor()
+        self._progress.set_phase("complete")
+        return phase
+
+    def _transfer_scratch(self) -> Phase:
+        scratch = self._settings.scratch_dir
+        if not _usable_dir(scratch):
+            raise errors.ScratchSpaceRequired()
+        self._progress.set_phase("transfer")
+        return self._source.transfer(scratch)
+
+    def _transfer_data_file(self) -> Phase:
+        self._progress.set_phase("transfer")
+        next_phase = self._source.transfer_file(self._target)
+        self.preallocation_applied = self._settings.preallocation
+        return next_phase
+
+    def _transfer_data_dir(self) -> Phase:
+        if self._target.is_block:
+            raise errors.ProcessingError(
+                reason="content type archive needs a Filesystem volume, not a Block volume"
+            )
+        self._progress.set_phase("transfer")
+        return self._source.transfer_dir(self._settings.data_dir)
+
+    def _convert(self) -> Phase:
+        url, fmt = self._source.url(), self._source.image_format()
+        image = qemu_img.info(url, fmt=fmt)
+        qemu_img.validate(image, url=url, available=self._target.capacity)
+        self._progress.set_phase("convert")
+        self._progress.set_total(image.virtual_size)
+        if not self._target.is_block:
+            self._target.path.unlink(missing_ok=True)
+        qemu_img.convert(
+            url,
+            self._target.path,
+            src_format=fmt,
+            preallocation=self._settings.preallocation,
+            target_exists=self._target.is_block,
+            progress=self._progress.set_percent,
+        )
+        self.preallocation_applied = self._settings.preallocation
+        return Phase.RESIZE
+
+    def _resize(self) -> Phase:
+        if not self._target.is_block:
+            self._progress.set_phase("resize")
+            size = self._target.path.stat().st_size
+            if size > self._target.capacity:
+                raise errors.ImageTooLarge(virtual=size, available=self._target.capacity)
+            qemu_img.resize(self._target.path, self._target.capacity,
+                            preallocation=self._settings.preallocation)
+            self._target.path.chmod(0o660)
+        self._target.fsync()
+        return Phase.COMPLETE
+
+
+def _usable_dir(path: Path) -> bool:
+    try:
+        return path.is_dir() and path.stat() is not None
+    except OSError:
+        return False

@@ -1,0 +1,234 @@
+"""Where the image goes: a disk.img file on a filesystem volume, or a block volume.
+
+A filesystem volume gets ``<data dir>/disk.img``, sized by CDI's space maths.
+A block volume is a device (or a preallocated raw file standing in for one)
+whose size never changes.  ``Writer`` writes a stream sequentially and never
+writes runs of zeros: on a file they stay holes, on a block volume they are
+discarded with ``fallocate(PUNCH_HOLE)`` (which reads back as zeros), so the
+allocated size tracks the image's data, not its virtual size.  Preallocation
+reverses that on request.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from importer import errors, space, units
+from importer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SEGMENT = 64 * units.KiB  # zero-detection granularity
+_ZEROS = bytes(4 * units.MiB)  # compared against, never written (except as a fallback)
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def device_size(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+class Target:
+    """The volume being filled, with how many bytes the image may take."""
+
+    def __init__(self, path: Path, *, is_block: bool, capacity: int) -> None:
+        self.path = path
+        self.is_block = is_block
+        self.capacity = capacity
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Target:
+        if settings.is_block:
+            size = device_size(settings.block_path)
+            return cls(settings.block_path, is_block=True, capacity=size)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        st = os.statvfs(settings.data_dir)
+        available = st.f_bavail * st.f_frsize
+        if settings.target_file.exists():  # space an old attempt holds is ours to reuse
+            available += settings.target_file.stat().st_blocks * 512
+        if settings.image_size is not None:
+            available = min(available, settings.image_size)
+        capacity = space.usable(settings.filesystem_overhead, available)
+        return cls(settings.target_file, is_block=False, capacity=capacity)
+
+    def open_writer(self, *, preallocate: bool = False) -> Writer:
+        return Writer.open(self.path, block=self.is_block, capacity=self.capacity,
+                           preallocate=preallocate)
+
+    def remove(self) -> None:
+        """Throw away what an import wrote (failure or checksum mismatch)."""
+        if self.is_block:
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                zero_range(fd, 0, self.capacity, allocate=False)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            self.path.unlink(missing_ok=True)
+
+    def fsync(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if not self.is_block:
+            fsync_dir(self.path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def clear_dir(path: Path) -> None:
+    """Remove everything inside PATH (an archive's half-extracted contents)."""
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def zero_range(fd: int, offset: int, length: int, *, allocate: bool) -> None:
+    """Make [offset, offset+length) read as zeros: discard, or zero-allocate, or write."""
+    if length <= 0:
+        return
+    mode = FALLOC_FL_ZERO_RANGE if allocate else FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    try:
+        fallocate(fd, mode, offset, length)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENODEV, errno.EINVAL):
+            raise
+    end = offset + length
+    view = memoryview(_ZEROS)
+    while offset < end:
+        offset += os.pwrite(fd, view[: min(len(_ZEROS), end - offset)], offset)
+
+
+class Writer:
+    """Sequential writer that skips zeros; one per transfer attempt."""
+
+    def __init__(self, fd: int, path: Path, *, block: bool, capacity: int,
+                 preallocate: bool) -> None:
+        self._fd = fd
+        self.path = path
+        self.block = block
+        self.capacity = capacity
+        self.preallocate = preallocate
+        self.offset = 0  # bytes of image consumed so far
+        self.data_bytes = 0  # bytes actually written (not zero)
+        self._hole_start = 0  # start of the pending run of zeros (== offset if none)
+
+    @classmethod
+    def open(cls, path: Path, *, block: bool, capacity: int, preallocate: bool) -> Writer:
+        if block:
+            fd = os.open(path, os.O_WRONLY)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o660)
+        return cls(fd, path, block=block, capacity=capacity, preallocate=preallocate)
+
+    def write(self, buf: bytearray, length: int, *, total: int | None = None) -> None:
+        """Write buf[:length] at the current offset, leaving zero segments unwritten."""
+        end = self.offset + length
+        if end > self.capacity:
+            if total is not None:
+                raise errors.ImageTooLarge(virtual=total, available=self.capacity)
+            raise errors.StreamTooLarge(read=end, available=self.capacity)
+        if length <= len(_ZEROS) and buf.startswith(memoryview(_ZEROS)[:length]):
+            self.offset = end
+            return
+        view = memoryview(buf)
+        pos = 0
+        run_start = -1  # start of the current run of data segments in buf
+        while pos < length:
+            seg = min(SEGMENT, length - pos)
+            if buf.startswith(memoryview(_ZEROS)[:seg], pos):
+                if run_start >= 0:
+                    self._write_data(view[run_start:pos])
+                    run_start = -1
+                self.offset += seg
+            elif run_start < 0:
+                run_start = pos
+            pos += seg
+        if run_start >= 0:
+            self._write_data(view[run_start:length])
+        view.release()
+
+    def _flush_hole(self) -> None:
+        if self.offset > self._hole_start and (self.block or self.preallocate):
+            zero_range(self._fd, self._hole_start, self.offset - self._hole_start,
+                  allocate=self.preallocate)
+        self._hole_start = self.offset
+
+    def _write_data(self, data: memoryview) -> None:
+        self._flush_hole()
+        done = 0
+        try:
+            while done < len(data):
+                done += os.pwrite(self._fd, data[done:], self.offset + done)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise errors.ProcessingError(
+                    reason=f"writing {self.path}: no space left on device"
+                ) from e
+            raise
+        self.offset += done
+        self.data_bytes += done
+        self._hole_start = self.offset
+
+    def reset(self) -> None:
+        """Begin again at byte 0 (the source restarted from the beginning)."""
+        if self.block:
+            zero_range(self._fd, 0, max(self.offset, self._hole_start), allocate=False)
+        else:
+            os.ftruncate(self._fd, 0)
+        self.offset = self.data_bytes = self._hole_start = 0
+
+    def finish(self) -> int:
+        """Materialise trailing zeros, preallocate if asked, fsync; return the image size."""
+        self._flush_hole()
+        if not self.block:
+            os.ftruncate(self._fd, self.offset)
+            if self.preallocate and self.offset:
+                os.posix_fallocate(self._fd, 0, self.offset)
+        os.fsync(self._fd)
+        return self.offset
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
