@@ -1,0 +1,1 @@
+"""The control plane: API objects, controllers, backends, REST API and the `cdi` command."""

@@ -1,0 +1,1 @@
+"""The import worker: turns a source into a raw disk on a volume (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""The upload proxy: token check, target lookup and a streaming reverse proxy."""

@@ -1,0 +1,1 @@
+"""The REST API that `cdi serve` exposes (Kubernetes-style paths and watch)."""

@@ -1,0 +1,1 @@
+"""The port the controllers use, with its embedded (SQLite) and Kubernetes adapters."""

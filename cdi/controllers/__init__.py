@@ -1,0 +1,1 @@
+"""Reconcilers for DataVolume and friends; they speak to storage only through cdi.backends."""
