@@ -161,7 +161,7 @@ class Writer:
         if end > self.capacity:
             if total is not None:
                 raise errors.ImageTooLarge(virtual=total, available=self.capacity)
-            raise errors.StreamTooLarge(read=end, available=self.capacity)
+            raise errors.StreamTooLarge(read=self.capacity, available=self.capacity)
         if length <= len(_ZEROS) and buf.startswith(memoryview(_ZEROS)[:length]):
             self.offset = end
             return

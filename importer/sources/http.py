@@ -179,7 +179,7 @@ class Body:
                 self._recover(e)
                 continue
             if n == 0 and self.length is not None and self.offset < self.length:
-                self._recover(EOFError(f"connection closed at byte {self.offset}"))
+                self._recover(EOFError("the server closed the connection before the end"))
                 continue
             if n:
                 self.offset += n
