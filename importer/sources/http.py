@@ -399,6 +399,9 @@ def _extract(reader: formats.Reader, data_dir: Path) -> None:
     try:
         with tarfile.open(fileobj=raw, mode="r|") as tar:
             for member in tar:
+                if member.name.startswith("/"):
+                    # The data filter would quietly make it relative; refuse instead.
+                    raise errors.UnsafeArchive(member=member.name, reason="absolute path")
                 try:
                     tar.extract(member, data_dir, filter="data")
                 except tarfile.FilterError as e:
