@@ -14,11 +14,16 @@ from __future__ import annotations
 import bz2
 import dataclasses
 import lzma
+import sys
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
-import zstandard
 from isal import isal_zlib
+
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
 
 from importer import errors, units
 
@@ -132,18 +137,17 @@ def detect(src: Reader) -> Detected:
 
 
 def decompressor(kind: str, src: Reader) -> Reader:
-    if kind == "zst":
-        return _Zstd(src)
     factory: Callable[[], Any] = {
         "gz": lambda: isal_zlib.decompressobj(31),
         "xz": lambda: lzma.LZMADecompressor(format=lzma.FORMAT_XZ),
         "bz2": bz2.BZ2Decompressor,
+        "zst": lambda: zstd.ZstdDecompressor(),
     }[kind]
     return _Decompressing(kind, src, factory)
 
 
 class _Decompressing:
-    """Streams through a zlib/lzma/bz2-style decompressor object, multi-member aware."""
+    """Streams through a zlib/lzma/bz2/zstd decompressor object, multi-member aware."""
 
     def __init__(self, kind: str, src: Reader, factory: Callable[[], Any]) -> None:
         self._kind = kind
@@ -187,7 +191,7 @@ class _Decompressing:
                 data = self._read_input() if d.needs_input else b""
             try:
                 out = d.decompress(data, len(buf))
-            except (OSError, EOFError, lzma.LZMAError, _ISAL_ERROR) as e:
+            except (OSError, EOFError, lzma.LZMAError, zstd.ZstdError, _ISAL_ERROR) as e:
                 raise errors.CorruptStream(format=self._kind, reason=str(e)) from e
             if out:
                 n = len(out)
@@ -202,31 +206,3 @@ class _Decompressing:
 def _match_kind(kind: str, data: bytes) -> bool:
     magic = _MAGIC[kind][1]
     return data[: len(magic)] == magic
-
-
-class _SourceFile:
-    """The file-like face zstandard's stream reader wants."""
-
-    def __init__(self, src: Reader) -> None:
-        self._src = src
-        self._buf = bytearray(units.MiB)
-
-    def read(self, size: int = -1) -> bytes:
-        size = len(self._buf) if size < 0 else min(size, len(self._buf))
-        n = self._src.readinto(memoryview(self._buf)[:size])
-        return bytes(self._buf[:n])
-
-
-class _Zstd:
-    def __init__(self, src: Reader) -> None:
-        dctx = zstandard.ZstdDecompressor(max_window_size=1 << 31)
-        self._reader = dctx.stream_reader(
-            _SourceFile(src),  # type: ignore[arg-type]  # only read() is used
-            read_size=units.MiB, read_across_frames=True,
-        )
-
-    def readinto(self, buf: memoryview) -> int:
-        try:
-            return int(self._reader.readinto(buf))
-        except zstandard.ZstdError as e:
-            raise errors.CorruptStream(format="zst", reason=str(e)) from e

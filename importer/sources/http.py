@@ -22,7 +22,6 @@ import re
 import shutil
 import socket
 import ssl
-import tarfile
 import tempfile
 import time
 import urllib.parse
@@ -33,7 +32,7 @@ import requests
 import requests.adapters
 import urllib3
 
-from importer import errors, formats, nbdkit, stream, target
+from importer import archive, errors, formats, nbdkit, stream, target
 from importer.processor import Phase
 from importer.progress import Progress
 from importer.settings import Settings
@@ -364,7 +363,7 @@ class HTTPSource:
         data_dir.mkdir(parents=True, exist_ok=True)
         while True:
             try:
-                _extract(self._detected.reader, data_dir)
+                archive.extract(self._detected.reader, data_dir)
                 self._finish_stream()
                 break
             except errors.RestartRequired as why:
@@ -392,19 +391,3 @@ class HTTPSource:
             self._scratch_image.unlink(missing_ok=True)
         self._session.close()
 
-
-def _extract(reader: formats.Reader, data_dir: Path) -> None:
-    """Untar a stream into DATA_DIR; members that would escape it fail the import."""
-    raw = stream.FileAdapter(reader)
-    try:
-        with tarfile.open(fileobj=raw, mode="r|") as tar:
-            for member in tar:
-                if member.name.startswith("/"):
-                    # The data filter would quietly make it relative; refuse instead.
-                    raise errors.UnsafeArchive(member=member.name, reason="absolute path")
-                try:
-                    tar.extract(member, data_dir, filter="data")
-                except tarfile.FilterError as e:
-                    raise errors.UnsafeArchive(member=member.name, reason=str(e)) from e
-    except tarfile.TarError as e:
-        raise errors.CorruptStream(format="tar", reason=str(e)) from e
