@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -128,10 +129,30 @@ class Processor:
             src_format=fmt,
             preallocation=self._settings.preallocation,
             target_exists=self._target.is_block,
+            cache="none" if self._direct_io() else "writeback",
             progress=self._progress.set_percent,
         )
         self.preallocation_applied = self._settings.preallocation
         return Phase.RESIZE
+
+    def _direct_io(self) -> bool:
+        """CACHE_MODE=TRYNONE: bypass the page cache if the target accepts O_DIRECT."""
+        if not self._settings.cache_mode_try_none:
+            return False
+        if self._target.is_block:
+            probe, flags = self._target.path, os.O_RDONLY | os.O_DIRECT
+        else:
+            probe = self._target.path.parent / ".cdi-direct-io-probe"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_DIRECT
+        try:
+            os.close(os.open(probe, flags, 0o600))
+        except OSError:
+            log.info("CACHE O_DIRECT not supported on %s, using writeback", probe)
+            return False
+        finally:
+            if not self._target.is_block:
+                probe.unlink(missing_ok=True)
+        return True
 
     def _resize(self) -> Phase:
         if not self._target.is_block:

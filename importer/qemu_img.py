@@ -193,7 +193,7 @@ def _run(cmd: list[str]) -> None:
 
 
 def _run_with_progress(cmd: list[str], progress: Callable[[float], None] | None) -> None:
-    log.info("RUN %s", " ".join(cmd[:2]))
+    log.info("RUN %s", " ".join(cmd))
     with tempfile.TemporaryFile() as err:
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err) as p:
             assert p.stdout is not None

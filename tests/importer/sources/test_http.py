@@ -317,3 +317,17 @@ def test_preallocation(http_server: FileServer, raw_image: Path, volume: Callabl
         assert result.json["preallocationApplied"] is True
         assert qemu_img.compare(str(raw_image), str(vol.disk))
         assert images.allocated_bytes(vol.disk) >= 80 * MiB
+
+
+def test_cache_mode_trynone(http_server: FileServer, raw_image: Path,
+                            volume: Callable[..., Volume], import_in_process: Importer,
+                            caplog: pytest.LogCaptureFixture) -> None:
+    images.convert(raw_image, http_server.root / "disk.qcow2", "qcow2")
+    vol = volume()
+    with caplog.at_level("INFO", logger="importer.qemu_img"):
+        _ok(import_in_process(vol, IMPORTER_ENDPOINT=http_server.url("disk.qcow2"),
+                              IMPORTER_IMAGE_SIZE=SIZE, CACHE_MODE="TRYNONE"))
+    assert qemu_img.compare(str(raw_image), str(vol.disk))
+    runs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("RUN ")]
+    assert len(runs) == 1 and " -t none " in runs[0]
+    assert sorted(p.name for p in vol.data_dir.iterdir()) == ["disk.img"], "probe removed"
