@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.httpserver import FileServer
+from tests.support.proxy import ForwardProxy
 from tests.support.tls import TLSFiles, make_ca, write_tls_files
 
 
@@ -37,3 +38,13 @@ def http_server(tmp_path: Path) -> Iterator[FileServer]:
 def https_server(tmp_path: Path, tls_files: TLSFiles) -> Iterator[FileServer]:
     """Like ``http_server`` but over TLS with the ``tls_files`` certificate."""
     yield from _serve(tmp_path / "www-tls", tls_files)
+
+
+@pytest.fixture
+def forward_proxy(tmp_path: Path) -> Iterator[ForwardProxy]:
+    """A started tinyproxy on 127.0.0.1; ``requests()`` lists what went through it."""
+    proxy = ForwardProxy(tmp_path / "proxy").start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()

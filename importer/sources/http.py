@@ -30,6 +30,7 @@ from typing import Any
 
 import requests
 import requests.adapters
+import requests.utils
 import urllib3
 
 from importer import archive, errors, formats, nbdkit, stream, target
@@ -118,9 +119,6 @@ def make_session(settings: Settings) -> requests.Session:
         s.headers[name] = value
     if settings.basic_auth:
         s.auth = settings.basic_auth
-    proxies = {"http": settings.http_proxy, "https": settings.https_proxy,
-               "no_proxy": settings.no_proxy}
-    s.proxies = {k: v for k, v in proxies.items() if v}
     ctx = ssl.create_default_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     for f in ca_files(settings):
@@ -133,6 +131,15 @@ def make_session(settings: Settings) -> requests.Session:
         log.warning("TLS verification is off for this import (INSECURE_TLS)")
     s.mount("https://", _TLSAdapter(ctx))
     return s
+
+
+def proxies_for(settings: Settings, url: str) -> dict[str, str]:
+    """The proxies for URL: none when no_proxy matches it (requests only applies no_proxy
+    itself when it reads the environment, and we read the environment once, in settings)."""
+    if settings.no_proxy and requests.utils.should_bypass_proxies(url, settings.no_proxy):
+        return {}
+    proxies = {"http": settings.http_proxy, "https": settings.https_proxy}
+    return {k: v for k, v in proxies.items() if v}
 
 
 class Body:
@@ -202,6 +209,7 @@ class Body:
         headers = {"Range": f"bytes={self.offset}-", "If-Range": self.validator or ""}
         try:
             r = self._session.get(self.url, headers=headers, stream=True, allow_redirects=True,
+                                  proxies=proxies_for(self._settings, self.url),
                                   timeout=(CONNECT_TIMEOUT, self._settings.stall_timeout))
         except requests.RequestException as e:
             log.warning("RESUME failed reason=%s", describe(e))
@@ -244,6 +252,7 @@ class HTTPSource:
         s = self._settings
         try:
             r = self._session.get(s.endpoint, stream=True, allow_redirects=True,
+                                  proxies=proxies_for(s, s.endpoint),
                                   timeout=(CONNECT_TIMEOUT, s.stall_timeout))
         except requests.RequestException as e:
             raise errors.SourceError(reason=f"GET {redact(s.endpoint)}: {describe(e)}") from e
@@ -293,13 +302,30 @@ class HTTPSource:
         if not d.needs_conversion:
             return Phase.TRANSFER_DATA_FILE
         if (not d.compressed and self._body.resumable and self._settings.checksum is None
-                and nbdkit.available()):
+                and nbdkit.available() and self._qemu_friendly()):
             try:
                 self._start_nbdkit()
                 return Phase.CONVERT
             except errors.SourceError as e:
                 log.warning("NBDKIT unavailable, using scratch space: %s", e)
         return Phase.TRANSFER_SCRATCH
+
+    def _qemu_friendly(self) -> bool:
+        """nbdkit's curl plugin learns the size with HEAD: the server must answer it."""
+        try:
+            r = self._session.head(self._body.url, allow_redirects=True,
+                                   proxies=proxies_for(self._settings, self._body.url),
+                                   timeout=(CONNECT_TIMEOUT, self._settings.stall_timeout))
+            r.close()
+        except requests.RequestException as e:
+            log.info("HEAD failed (%s): not streaming through nbdkit", describe(e))
+            return False
+        length = r.headers.get("Content-Length")
+        if r.status_code != 200 or length != str(self._body.length):
+            log.info("HEAD status=%d length=%s: not streaming through nbdkit",
+                     r.status_code, length)
+            return False
+        return True
 
     def _start_nbdkit(self) -> None:
         files = ca_files(self._settings)

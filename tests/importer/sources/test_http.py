@@ -13,6 +13,7 @@ from importer import qemu_img
 from tests.importer.conftest import Importer, Volume
 from tests.support import images
 from tests.support.httpserver import FileServer
+from tests.support.proxy import ForwardProxy
 from tests.support.tls import TLSFiles
 
 MiB = 1 << 20
@@ -331,3 +332,78 @@ def test_cache_mode_trynone(http_server: FileServer, raw_image: Path,
     runs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("RUN ")]
     assert len(runs) == 1 and " -t none " in runs[0]
     assert sorted(p.name for p in vol.data_dir.iterdir()) == ["disk.img"], "probe removed"
+
+
+@pytest.mark.parametrize("name", ["disk.raw", "disk.qcow2"])
+def test_through_proxy(http_server: FileServer, https_server: FileServer, tls_files: TLSFiles,
+                       forward_proxy: ForwardProxy, raw_image: Path,
+                       volume: Callable[..., Volume], import_in_process: Importer,
+                       name: str) -> None:
+    images.convert(raw_image, http_server.root / "disk.qcow2", "qcow2")
+    for f in ("disk.raw", "disk.qcow2"):
+        (https_server.root / f).parent.mkdir(parents=True, exist_ok=True)
+        (https_server.root / f).write_bytes((http_server.root / f).read_bytes())
+    for server, extra in ((http_server, {}),
+                          (https_server, {"IMPORTER_CERT_DIR": str(tls_files.ca_dir)})):
+        vol = volume()
+        _ok(import_in_process(vol, IMPORTER_ENDPOINT=server.url(name), IMPORTER_IMAGE_SIZE=SIZE,
+                              http_proxy=forward_proxy.url, https_proxy=forward_proxy.url,
+                              **extra))
+        assert qemu_img.compare(str(raw_image), str(vol.disk))
+    seen = forward_proxy.requests()
+    assert f"GET {http_server.url(name)}" in seen
+    assert f"CONNECT 127.0.0.1:{https_server.port}" in seen
+
+
+def test_no_proxy_bypasses(http_server: FileServer, forward_proxy: ForwardProxy,
+                           raw_image: Path, volume: Callable[..., Volume],
+                           import_in_process: Importer) -> None:
+    vol = volume()
+    _ok(import_in_process(vol, IMPORTER_ENDPOINT=http_server.url("disk.raw"),
+                          IMPORTER_IMAGE_SIZE=SIZE, http_proxy=forward_proxy.url,
+                          no_proxy="127.0.0.1"))
+    assert forward_proxy.requests() == []
+
+
+@pytest.mark.parametrize("name", ["disk.raw", "disk.qcow2"])
+def test_extra_headers(http_server: FileServer, raw_image: Path, volume: Callable[..., Volume],
+                       import_in_process: Importer, tmp_path: Path, name: str) -> None:
+    images.convert(raw_image, http_server.root / "disk.qcow2", "qcow2")
+    secret = tmp_path / "secret-headers" / "0"
+    secret.mkdir(parents=True)
+    (secret / "token").write_text("X-Secret: hidden\n")
+    vol = volume()
+    _ok(import_in_process(vol, IMPORTER_ENDPOINT=http_server.url(name), IMPORTER_IMAGE_SIZE=SIZE,
+                          IMPORTER_EXTRA_HEADER_0="X-Tenant: blue",
+                          IMPORTER_SECRET_EXTRA_HEADERS_DIR=str(secret.parent)))
+    gets = http_server.requests_for(name, "GET")
+    assert gets and all(r.headers.get("x-tenant") == "blue" for r in gets)
+    assert all(r.headers.get("x-secret") == "hidden" for r in gets)
+
+
+def test_qcow2_without_head_uses_scratch(http_server: FileServer, raw_image: Path,
+                                         volume: Callable[..., Volume],
+                                         import_in_process: Importer) -> None:
+    images.convert(raw_image, http_server.root / "disk.qcow2", "qcow2")
+    http_server.configure("disk.qcow2", no_head=True)
+    vol = volume(scratch=False)
+    result = import_in_process(vol, IMPORTER_ENDPOINT=http_server.url("disk.qcow2"),
+                               IMPORTER_IMAGE_SIZE=SIZE)
+    assert result.json == {"scratchSpaceRequired": True,
+                           "message": "scratch space required and none found"}
+    vol = volume()
+    _ok(import_in_process(vol, IMPORTER_ENDPOINT=http_server.url("disk.qcow2"),
+                          IMPORTER_IMAGE_SIZE=SIZE))
+    assert qemu_img.compare(str(raw_image), str(vol.disk))
+
+
+def test_qcow2_through_nbdkit_survives_cuts(http_server: FileServer, raw_image: Path,
+                                           volume: Callable[..., Volume],
+                                           import_in_process: Importer) -> None:
+    images.convert(raw_image, http_server.root / "disk.qcow2", "qcow2")
+    http_server.configure("disk.qcow2", cut_after=100_000, cut_times=3)
+    vol = volume(scratch=False)  # proves the nbdkit path: no scratch to fall back on
+    _ok(import_in_process(vol, IMPORTER_ENDPOINT=http_server.url("disk.qcow2"),
+                          IMPORTER_IMAGE_SIZE=SIZE))
+    assert qemu_img.compare(str(raw_image), str(vol.disk))
+    assert len(http_server.requests_for("disk.qcow2", "GET")) > 4
