@@ -19,10 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import prometheus_client
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +131,13 @@ def _is_loopback(host: str) -> bool:
 
 
 def _self_signed() -> tuple[str, str]:
+    # Imported here: only a metrics endpoint beyond loopback needs it, and it
+    # costs a worker 60 ms of start-up.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cdi-importer")])
     now = datetime.datetime.now(datetime.UTC)

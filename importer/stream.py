@@ -1,13 +1,14 @@
 """Small pieces every transfer uses: the copy loop, checksums, and a file face.
 
-The copy loop owns one buffer for the whole transfer and hands the writer a
-(buffer, length) pair, so no chunk is ever copied into a new ``bytes``.
+The copy loop owns a few buffers for the whole transfer and hands the writer
+(buffer, length) pairs, so no chunk is ever copied into a new ``bytes``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import queue
 import threading
 
 from importer import errors, units
@@ -16,31 +17,70 @@ from importer.settings import Checksum
 from importer.target import Writer
 
 BUFFER_SIZE = 4 * units.MiB
+BUFFERS = 3  # in flight between the reading and the writing thread
+READER_JOIN_TIMEOUT = 5.0
 
 
-def copy(src: Reader, dst: Writer, *, total: int | None = None,
-         cancel: threading.Event | None = None) -> int:
-    """Copy SRC to DST until EOF; returns the bytes copied."""
-    buf = bytearray(BUFFER_SIZE)
-    view = memoryview(buf)
+def copy(src: Reader, dst: Writer, *, total: int | None = None) -> int:
+    """Copy SRC to DST until EOF; returns the bytes copied.
+
+    A reader thread fills buffers (network reads and decompression release the
+    GIL) while this thread checks them for zeros and writes them, so reading and
+    writing overlap as they do in ``curl | cp``.  BUFFERS buffers go round; none
+    is allocated per chunk.  An error on either side ends both.
+    """
+    free: queue.Queue[bytearray | None] = queue.Queue()
+    for _ in range(BUFFERS):
+        free.put(bytearray(BUFFER_SIZE))
+    full: queue.Queue[tuple[bytearray, int] | BaseException | None] = queue.Queue()
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            while not stop.is_set():
+                buf = free.get()
+                if buf is None:
+                    return
+                n = _fill(src, buf)
+                full.put((buf, n) if n else None)
+                if not n:
+                    return
+        except BaseException as e:  # handed to the writing thread, which raises it
+            full.put(e)
+
+    reader = threading.Thread(target=read, name="copy-reader", daemon=True)
+    reader.start()
     done = 0
     try:
         while True:
-            n = src.readinto(view)
-            if n == 0:
-                return done
-            # Fill the buffer before writing: fewer, larger writes and zero checks.
-            while n < len(buf):
-                m = src.readinto(view[n:])
-                if m == 0:
-                    break
-                n += m
+            item = full.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            buf, n = item
             dst.write(buf, n, total=total)
             done += n
-            if cancel is not None and cancel.is_set():
-                raise errors.ProcessingError(reason="import cancelled")
+            free.put(buf)
     finally:
-        view.release()
+        stop.set()
+        free.put(None)
+        # A reader blocked on the network is released when the caller closes the
+        # source; do not wait for it here.
+        reader.join(timeout=READER_JOIN_TIMEOUT)
+    return done
+
+
+def _fill(src: Reader, buf: bytearray) -> int:
+    """Read until BUF is full or the source ends: fewer, larger writes and zero checks."""
+    n = 0
+    with memoryview(buf) as view:
+        while n < len(buf):
+            m = src.readinto(view[n:])
+            if m == 0:
+                break
+            n += m
+    return n
 
 
 class Hashing:
