@@ -34,15 +34,19 @@ def _ok(result: object) -> None:
     assert '"message": "Import Complete"' in message
 
 
+@pytest.mark.parametrize("name", ["disk.raw", "disk.qcow2"])  # streamed; through nbdkit
 def test_basic_auth_right(http_server: FileServer, raw_image: Path, volume: Callable[..., Volume],
-                          import_in_process: Importer) -> None:
-    http_server.configure("disk.raw", auth=("alice", "s3cret"))
-    vol = volume()
-    result = import_in_process(vol, IMPORTER_ENDPOINT=http_server.url("disk.raw"),
+                          import_in_process: Importer, name: str) -> None:
+    images.convert(raw_image, http_server.root / "disk.qcow2", "qcow2")
+    http_server.configure(name, auth=("alice", "s3cret"))
+    vol = volume(scratch=False)
+    result = import_in_process(vol, IMPORTER_ENDPOINT=http_server.url(name),
                                IMPORTER_IMAGE_SIZE=SIZE, IMPORTER_ACCESS_KEY_ID="alice",
                                IMPORTER_SECRET_KEY="s3cret")
     _ok(result)
     assert qemu_img.compare(str(raw_image), str(vol.disk))
+    assert {r.status for r in http_server.requests_for(name)} == {200, 206} if \
+        name == "disk.qcow2" else {200}
 
 
 def test_basic_auth_wrong(http_server: FileServer, raw_image: Path, volume: Callable[..., Volume],
