@@ -38,6 +38,7 @@ class Nbdkit:
         self._ca_bundle = ca_bundle
         self._dir = Path(tempfile.mkdtemp(prefix="cdi-nbdkit-"))
         self.socket = self._dir / "nbdkit.sock"
+        self._pin = self._dir / "pin"  # while it exists, blocks read are kept in nbdkit's cache
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr = self._dir / "stderr"
 
@@ -50,8 +51,12 @@ class Nbdkit:
         args = [
             NBDKIT, "--exit-with-parent", "--foreground", "--readonly",
             "--unix", str(self.socket),
-            "--filter=retry", "--filter=readahead",
+            # Closest to qemu-img first: the cache pins what `qemu-img info` read
+            # (see pin/unpin), readahead makes sequential reads fast, retry
+            # re-requests a range after a dropped connection.
+            "--filter=cache", "--filter=readahead", "--filter=retry",
             "curl", f"url={self._url}",
+            f"cache-on-read={self._pin}",
             "retry-exponential=yes", f"retries={s.retries}",
             f"retry-delay={max(1, int(s.retry_backoff))}",
             f"timeout={int(s.stall_timeout)}", "user-agent=cdi-nbdkit-importer",
@@ -71,7 +76,8 @@ class Nbdkit:
             args.append("sslverify=false")
         elif self._ca_bundle is not None:
             args.append(f"cainfo={self._ca_bundle}")
-        env: dict[str, str] = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        env: dict[str, str] = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                               "TMPDIR": str(self._dir)}
         proxies = {"http_proxy": s.http_proxy, "https_proxy": s.https_proxy,
                    "no_proxy": s.no_proxy}
         env.update({name: value for name, value in proxies.items() if value})
@@ -89,6 +95,21 @@ class Nbdkit:
             time.sleep(0.02)
         log.info("NBDKIT started socket=%s", self.socket)
         return self.nbd_url
+
+    def pin(self) -> None:
+        """From now on keep every block read in the cache, until ``unpin``.
+
+        qemu-img reads an image's header twice: once for ``info``, which we
+        check (no backing file, no external data file, fits the volume), and
+        again for ``convert``.  A server could send a different header the
+        second time; with the blocks ``info`` read pinned in the cache,
+        ``convert`` sees exactly the header that was checked.
+        """
+        self._pin.touch()
+
+    def unpin(self) -> None:
+        """Stop caching new blocks (those already cached stay)."""
+        self._pin.unlink(missing_ok=True)
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

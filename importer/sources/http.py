@@ -33,7 +33,7 @@ import requests.adapters
 import requests.utils
 import urllib3
 
-from importer import archive, errors, formats, nbdkit, stream, target
+from importer import archive, errors, formats, nbdkit, qemu_img, stream, target
 from importer.processor import Phase
 from importer.progress import Progress
 from importer.settings import Settings
@@ -338,6 +338,14 @@ class HTTPSource:
         self._body.close()
         self._nbdkit = nbdkit.Nbdkit(url, settings=self._settings, ca_bundle=self._ca_bundle)
         self._convert_url = self._nbdkit.start()
+        # Read (and so pin in nbdkit's cache) the metadata the Convert phase checks.
+        self._nbdkit.pin()
+        try:
+            qemu_img.info(self._convert_url, fmt=self._detected.format)
+        except errors.InvalidImage:
+            pass  # the Convert phase runs info again and reports it
+        finally:
+            self._nbdkit.unpin()
 
     def transfer_file(self, target_: target.Target) -> Phase:
         total = None
