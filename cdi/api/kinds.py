@@ -51,6 +51,8 @@ KINDS: tuple[Kind, ...] = (
     Kind("Service", "", "v1", "services", True, ("svc",)),
     Kind("Event", "", "v1", "events", True, ("ev",)),
     Kind("Namespace", "", "v1", "namespaces", False, ("ns",)),
+    Kind("Secret", "", "v1", "secrets", True),
+    Kind("ConfigMap", "", "v1", "configmaps", True, ("cm",)),
     Kind("StorageClass", "storage.k8s.io", "v1", "storageclasses", False, ("sc",)),
     Kind("VolumeSnapshot", "snapshot.storage.k8s.io", "v1", "volumesnapshots", True, ("vs",)),
     Kind("VolumeSnapshotClass", "snapshot.storage.k8s.io", "v1", "volumesnapshotclasses", False,

@@ -1,0 +1,112 @@
+"""The provisioner and the pod runner, with real subprocesses and real volumes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from cdi.backends.embedded import SQLiteStore
+from cdi.backends.embedded.podrunner import PodRunner
+from cdi.backends.embedded.storage import (
+    DEFAULT_CLASSES,
+    SELECTED_NODE,
+    Provisioner,
+    Volumes,
+    ensure_classes,
+)
+
+MiB = 1 << 20
+SCRIPT = """
+import json, os, sys
+attempt_file = os.path.join(os.environ["IMPORTER_DATA_DIR"], "attempts")
+n = int(open(attempt_file).read()) if os.path.exists(attempt_file) else 0
+open(attempt_file, "w").write(str(n + 1))
+open(os.environ["IMPORTER_TERMINATION_LOG"], "w").write("attempt %d" % n)
+print("env", json.dumps({k: v for k, v in os.environ.items() if k.startswith(("IMPORTER", "X_"))}))
+sys.exit(0 if n >= 2 else 7)
+"""
+
+
+def claim(name: str, *, sc: str = "local", block: bool = False) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"storageClassName": sc, "accessModes": ["ReadWriteOnce"],
+                     "volumeMode": "Block" if block else "Filesystem",
+                     "resources": {"requests": {"storage": "8Mi"}}}}
+
+
+def pod(name: str, claim_name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"restartPolicy": "OnFailure",
+                     "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": claim_name}}],
+                     "containers": [{"name": "c", "command": [sys.executable, "-c", SCRIPT],
+                                     "env": [{"name": "X_HELLO", "value": "world"}],
+                                     "volumeMounts": [{"name": "d", "mountPath": "/data"}]}]}}
+
+
+async def _wait(store: SQLiteStore, kind: str, name: str, pred: Any, timeout: float = 20) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        obj = await store.get(kind, name, "ns")
+        if pred(obj):
+            return obj
+        assert asyncio.get_running_loop().time() < deadline, obj
+        await asyncio.sleep(0.05)
+
+
+def test_claims_bind_and_pods_restart_until_success(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with SQLiteStore(tmp_path / "db") as store:
+            await ensure_classes(store, DEFAULT_CLASSES)
+            volumes = Volumes(tmp_path)
+            tasks = [asyncio.create_task(Provisioner(store, volumes).run()),
+                     asyncio.create_task(PodRunner(store, data_dir=tmp_path, volumes=volumes,
+                                                   backoff_base=0.05).run())]
+            try:
+                await store.create(claim("fs"))
+                await store.create(claim("blk", block=True))
+                fs = await _wait(store, "PersistentVolumeClaim", "fs",
+                                 lambda o: o.get("status", {}).get("phase") == "Bound")
+                blk = await _wait(store, "PersistentVolumeClaim", "blk",
+                                  lambda o: o.get("status", {}).get("phase") == "Bound")
+                assert volumes.path(fs["spec"]["volumeName"], block=False).is_dir()
+                raw = volumes.path(blk["spec"]["volumeName"], block=True)
+                assert raw.stat().st_size == 8 * MiB
+                pv = await store.get("PersistentVolume", fs["spec"]["volumeName"])
+                assert pv["spec"]["claimRef"]["name"] == "fs"
+
+                # WaitForFirstConsumer: pending until a pod uses it.
+                await store.create(claim("late", sc="local-wffc"))
+                await asyncio.sleep(0.3)
+                late = await store.get("PersistentVolumeClaim", "late", "ns")
+                assert late["status"]["phase"] == "Pending"
+                await store.create(pod("worker", "late"))
+                done = await _wait(store, "Pod", "worker",
+                                   lambda o: o.get("status", {}).get("phase") == "Succeeded")
+                cs = done["status"]["containerStatuses"][0]
+                assert cs["restartCount"] == 2
+                assert cs["state"]["terminated"] == {**cs["state"]["terminated"],
+                                                     "exitCode": 0, "reason": "Completed",
+                                                     "message": "attempt 2"}
+                late = await store.get("PersistentVolumeClaim", "late", "ns")
+                assert late["metadata"]["annotations"][SELECTED_NODE] == "localhost"
+                volume = volumes.path(late["spec"]["volumeName"], block=False)
+                assert (volume / "attempts").read_text() == "3"
+                log = (tmp_path / "pods" / "ns" / "worker" / "log").read_text()
+                env = json.loads(log.strip().splitlines()[-1].removeprefix("env "))
+                assert env["X_HELLO"] == "world"
+                assert env["IMPORTER_DATA_DIR"] == str(volume)
+
+                # Deleting the claim deletes its volume.
+                await store.delete("PersistentVolumeClaim", "fs", "ns")
+                await asyncio.sleep(0.3)
+                assert not volumes.path(fs["spec"]["volumeName"], block=False).exists()
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
