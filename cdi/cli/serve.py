@@ -1,0 +1,147 @@
+"""``cdi serve``: the embedded control plane in one process.
+
+It wires the pieces DESIGN.md describes: the SQLite object store, the local
+provisioner and the pod runner (the parts Kubernetes plays on a cluster), the
+controllers, and the REST API, listening on loopback with a bearer token kept
+in the data dir (mode 0600).  State is durable at every acknowledged write, so
+after ``kill -9`` a restart carries on: unfinished DataVolumes continue, and
+workers left behind are stopped before their pods run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import secrets
+import signal
+import ssl
+from pathlib import Path
+
+import click
+from aiohttp import web
+
+from cdi.api import validation
+from cdi.apiserver.app import create_app
+from cdi.backends.embedded import storage
+from cdi.backends.embedded.podrunner import PodRunner
+from cdi.backends.embedded.store import SQLiteStore
+from cdi.cli import config
+from cdi.controllers.datavolume import DataVolumeController
+from cdi.controllers.runtime import Runtime, run_guarded
+from cdi.controllers.storageprofile import CDIConfigController, StorageProfileController
+
+log = logging.getLogger("cdi.serve")
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("CDI_DATA_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "cdi"
+
+
+def api_token(data_dir: Path) -> tuple[str, Path]:
+    """The API's bearer token, made on first start, readable by the owner only."""
+    path = data_dir / "api-token"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip(), path
+
+
+async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | None,
+                restart_backoff: float) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o700)
+    token, token_file = api_token(data_dir)
+    store = SQLiteStore(data_dir / "state.db")
+    await store.open()
+    volumes = storage.Volumes(data_dir)
+    await storage.ensure_classes(store, storage.load_classes(data_dir))
+    cdiconfig = CDIConfigController(store)
+    await cdiconfig.ensure()
+    runner = PodRunner(store, data_dir=data_dir, volumes=volumes, backoff_base=restart_backoff)
+    provisioner = storage.Provisioner(store, volumes)
+    datavolumes = DataVolumeController(store)
+    runtime = Runtime(store)
+    for controller in (datavolumes, StorageProfileController(store), cdiconfig):
+        runtime.add(controller)
+
+    app = create_app(store, token=token, admit=validation.validate, pod_logs=runner.log_path)
+    web_runner = web.AppRunner(app, access_log=None)
+    await web_runner.setup()
+    site = web.TCPSite(web_runner, host, port, ssl_context=tls)
+    await site.start()
+    bound_port = web_runner.addresses[0][1]
+    scheme = "https" if tls else "http"
+    url = f"{scheme}://{host if ':' not in host else f'[{host}]'}:{bound_port}"
+    config.write_server_info(data_dir, url, token_file)
+    log.info("SERVING url=%s data_dir=%s", url, data_dir)
+    click.echo(f"cdi serve: listening on {url}, data in {data_dir}", err=True)
+
+    tasks = [asyncio.create_task(run_guarded("provisioner", provisioner.run())),
+             asyncio.create_task(run_guarded("podrunner", runner.run()))]
+    await runtime.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("STOPPING")
+        await runtime.stop()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await datavolumes.close()
+        await web_runner.cleanup()
+        await store.close()
+
+
+def _tls(host: str, cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    loopback = host == "localhost" or _is_loopback(host)
+    if cert is None and key is None:
+        if not loopback:
+            raise click.UsageError(
+                f"listening on {host} (beyond loopback) needs --tls-cert and --tls-key")
+        return None
+    if cert is None or key is None:
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+def _is_loopback(host: str) -> bool:
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host).is_loopback
+    return False
+
+
+@click.command("serve")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="State, volumes and logs (default: $CDI_DATA_DIR or ~/.local/share/cdi).")
+@click.option("--address", default="127.0.0.1:8443", show_default=True,
+              help="host:port of the REST API (port 0 picks a free one).")
+@click.option("--tls-cert", type=click.Path(path_type=Path, exists=True), default=None)
+@click.option("--tls-key", type=click.Path(path_type=Path, exists=True), default=None)
+@click.option("--restart-backoff", type=float, default=10.0, show_default=True,
+              help="Seconds before a failed worker's first restart (doubles, max 300).")
+@click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
+def serve_command(data_dir: Path | None, address: str, tls_cert: Path | None,
+                  tls_key: Path | None, restart_backoff: float, verbose: bool) -> None:
+    """Run the embedded control plane: REST API, controllers, volumes and workers."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    tls = _tls(host, tls_cert, tls_key)
+    asyncio.run(serve(data_dir or default_data_dir(), host, int(port or 0), tls=tls,
+                      restart_backoff=restart_backoff))

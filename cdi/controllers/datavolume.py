@@ -1,0 +1,397 @@
+"""The DataVolume controller: claim, importer pod, phases and conditions.
+
+For ``http`` and ``blank`` sources (more sources plug in later) it does what
+CDI's DataVolume and import controllers do together: render and create the
+PersistentVolumeClaim (owned by the DataVolume), start an importer pod (owned
+by the claim) once the claim can bind, add scratch space when the worker asks
+for it, and mirror the pod into the DataVolume's phase, conditions, restart
+count and progress.  Import state lives in CDI's annotations on the claim
+(``storage.pod.phase``, ``storage.import.fatalError``, ...), so a restart of
+``cdi serve`` picks up where it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import logging
+import time
+from typing import Any
+
+import aiohttp
+
+from cdi.api import defaults
+from cdi.api import errors as api_errors
+from cdi.backends.port import Obj, ObjectStore
+from cdi.controllers import events, importpod
+from cdi.controllers.runtime import Key, Mapper, Result, owner_keys
+from importer import space, units
+
+log = logging.getLogger(__name__)
+
+A = importpod.ANN
+POD_PHASE = A + "storage.pod.phase"
+POD_RESTARTS = A + "storage.pod.restarts"
+FATAL = A + "storage.import.fatalError"
+REQUIRES_SCRATCH = A + "storage.import.requiresScratch"
+IMMEDIATE_BIND = A + "storage.bind.immediate.requested"
+PREALLOCATION_APPLIED = A + "storage.preallocation"
+RUNNING_REASON = A + "storage.condition.running.reason"
+RUNNING_MESSAGE = A + "storage.condition.running.message"
+SUPPORTED = ("http", "blank")
+PROGRESS_INTERVAL = 2.0
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _pod_to_claim(obj: Obj) -> list[Key]:
+    return list(owner_keys("PersistentVolumeClaim")(obj))
+
+
+class DataVolumeController:
+    name = "datavolume"
+    kind = "DataVolume"
+
+    def __init__(self, store: ObjectStore) -> None:
+        self._store = store
+        self._session: aiohttp.ClientSession | None = None
+        self._samples: dict[str, tuple[float, int]] = {}  # dv uid -> (time, bytes read)
+
+    def watches(self) -> dict[str, Mapper]:
+        # A claim and a pod have the DataVolume's name (pods via their claim).
+        return {"PersistentVolumeClaim": owner_keys("DataVolume"), "Pod": _pod_to_claim}
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    # -- reconcile ----------------------------------------------------------------
+
+    async def reconcile(self, key: Key) -> Result | None:
+        ns, name = key
+        try:
+            dv = await self._store.get("DataVolume", name, ns)
+        except api_errors.NotFound:
+            return None
+        if dv["metadata"].get("deletionTimestamp"):
+            return None
+        source = next(iter(dv["spec"].get("source", {}) or {}), None)
+        if source not in SUPPORTED:
+            what = source or ("sourceRef" if dv["spec"].get("sourceRef") else "none")
+            await self._set_status(dv, phase="Pending", running=(
+                "False", "UnsupportedSource", f"source {what} is not supported yet"))
+            return None
+        pvc = await self._get("PersistentVolumeClaim", name, ns)
+        if pvc is None:
+            if dv.get("status", {}).get("phase") == "Succeeded":
+                return None  # the user deleted the claim; nothing to redo
+            await self._create_claim(dv)
+            return None
+        if not any(r.get("uid") == dv["metadata"]["uid"]
+                   for r in pvc["metadata"].get("ownerReferences", [])):
+            await self._set_status(dv, phase="Pending", bound=(
+                "False", "ErrResourceExists",
+                f'Resource "{name}" already exists and is not managed by DataVolume'))
+            return None
+        return await self._reconcile_import(dv, pvc)
+
+    async def _reconcile_import(self, dv: Obj, pvc: Obj) -> Result | None:
+        ns, name = pvc["metadata"]["namespace"], pvc["metadata"]["name"]
+        ann = pvc["metadata"].get("annotations", {})
+        bound = pvc.get("status", {}).get("phase") == "Bound"
+        bound_cond = (("True", "Bound", f"PVC {name} Bound") if bound
+                      else ("False", "Pending", f"PVC {name} Pending"))
+        restarts = int(ann.get(POD_RESTARTS, "0"))
+        if ann.get(POD_PHASE) == "Succeeded":
+            await self._delete("Pod", importpod.pod_name(name), ns)
+            await self._set_status(dv, phase="Succeeded", progress="100.0%", bound=bound_cond,
+                                   running=("False", "Completed", "Import Complete"),
+                                   restarts=restarts)
+            return None
+        if ann.get(FATAL) == "true":
+            await self._set_status(dv, phase="Failed", bound=bound_cond, restarts=restarts,
+                                   running=("False", ann.get(RUNNING_REASON, "Error"),
+                                            ann.get(RUNNING_MESSAGE, "")))
+            return None
+        pod = await self._get("Pod", importpod.pod_name(name), ns)
+        if pod is None:
+            sc = await self._storage_class(pvc)
+            wffc = sc is not None and sc.get("volumeBindingMode") == "WaitForFirstConsumer"
+            immediate = IMMEDIATE_BIND in dv["metadata"].get("annotations", {})
+            if not bound and wffc and not immediate:
+                await self._set_status(dv, phase="WaitForFirstConsumer", bound=bound_cond)
+                return None
+            await self._create_pod(dv, pvc, scratch=ann.get(REQUIRES_SCRATCH) == "true")
+            await self._set_status(dv, phase="ImportScheduled", bound=bound_cond,
+                                   running=("False", "Pending", "Import pod scheduled"))
+            return None
+        return await self._follow_pod(dv, pvc, pod, bound_cond)
+
+    async def _follow_pod(self, dv: Obj, pvc: Obj, pod: Obj,
+                          bound_cond: tuple[str, str, str]) -> Result | None:
+        ns, name = pvc["metadata"]["namespace"], pvc["metadata"]["name"]
+        status = pod.get("status", {})
+        statuses = status.get("containerStatuses") or [{}]
+        cs = statuses[0]
+        restarts = int(cs.get("restartCount", 0))
+        phase = status.get("phase", "Pending")
+        if phase in ("Succeeded", "Failed"):
+            message = cs.get("state", {}).get("terminated", {}).get("message", "")
+            result = importpod.outcome(message) if phase == "Succeeded" else \
+                importpod.Outcome("failed", message)
+            if result.kind == "scratch":
+                await self._annotate_claim(pvc, {REQUIRES_SCRATCH: "true"})
+                await self._delete("Pod", importpod.pod_name(name), ns)
+                await self._set_status(dv, phase="ImportInProgress", restarts=restarts,
+                                       bound=("False", "CreatingScratchSpace",
+                                              "Creating scratch space"))
+                return None
+            if result.kind == "succeeded":
+                await self._annotate_claim(pvc, {
+                    POD_PHASE: "Succeeded", POD_RESTARTS: str(restarts),
+                    RUNNING_REASON: "Completed", RUNNING_MESSAGE: "Import Complete",
+                    PREALLOCATION_APPLIED: "true" if result.preallocation_applied else "false",
+                })
+                await events.emit(self._store, dv, reason="ImportSucceeded",
+                                  message="Successfully imported data")
+                return Result(requeue_after=0.01)
+            reason = "ChecksumError" if result.kind == "checksum" else "Error"
+            await self._annotate_claim(pvc, {
+                FATAL: "true", POD_PHASE: "Failed", POD_RESTARTS: str(restarts),
+                RUNNING_REASON: reason, RUNNING_MESSAGE: result.message,
+            })
+            await events.emit(self._store, dv, reason="ErrImportFailed", message=result.message,
+                              type_="Warning")
+            await self._delete("Pod", importpod.pod_name(name), ns)
+            return Result(requeue_after=0.01)
+        if str(restarts) != pvc["metadata"].get("annotations", {}).get(POD_RESTARTS, "0"):
+            await self._annotate_claim(pvc, {POD_RESTARTS: str(restarts)})
+        last = cs.get("lastState", {}).get("terminated")
+        if "running" in cs.get("state", {}):
+            progress, transfer = await self._progress(dv, pod)
+            await self._set_status(dv, phase="ImportInProgress", bound=bound_cond,
+                                   running=("True", "Pod is running", ""), restarts=restarts,
+                                   progress=progress, transfer=transfer)
+            return Result(requeue_after=PROGRESS_INTERVAL)
+        if last is not None:
+            message = importpod.running_message(last.get("message", ""))
+            await self._set_status(dv, phase="ImportInProgress", bound=bound_cond,
+                                   running=("False", "Error", message), restarts=restarts,
+                                   warn=message)
+            return None
+        await self._set_status(dv, phase="ImportScheduled", bound=bound_cond,
+                               running=("False", "Pending", "Import pod scheduled"))
+        return None
+
+    # -- objects ----------------------------------------------------------------
+
+    async def _get(self, kind: str, name: str, ns: str) -> Obj | None:
+        try:
+            return await self._store.get(kind, name, ns)
+        except api_errors.NotFound:
+            return None
+
+    async def _delete(self, kind: str, name: str, ns: str) -> None:
+        try:
+            await self._store.delete(kind, name, ns)
+        except api_errors.NotFound:
+            pass
+
+    async def _annotate_claim(self, pvc: Obj, annotations: dict[str, str]) -> None:
+        meta = pvc["metadata"]
+        await self._store.patch("PersistentVolumeClaim", meta["name"], meta["namespace"],
+                                {"metadata": {"annotations": annotations}})
+
+    async def _storage_class(self, pvc: Obj) -> Obj | None:
+        name = pvc["spec"].get("storageClassName")
+        if name:
+            return await self._get("StorageClass", name, "")
+        return await self._default_class()
+
+    async def _default_class(self) -> Obj | None:
+        for sc in (await self._store.list("StorageClass")).items:
+            annotations = sc["metadata"].get("annotations", {})
+            if annotations.get("storageclass.kubernetes.io/is-default-class") == "true":
+                return sc
+        return None
+
+    async def _config(self) -> Obj:
+        return await self._get("CDIConfig", "config", "") or {}
+
+    async def _create_claim(self, dv: Obj) -> None:
+        meta = dv["metadata"]
+        spec = dv["spec"]
+        sc_name = (spec.get("storage") or spec.get("pvc") or {}).get("storageClassName")
+        sc = await self._get("StorageClass", sc_name, "") if sc_name else \
+            await self._default_class()
+        profile = await self._get("StorageProfile", sc["metadata"]["name"], "") if sc else None
+        config = await self._config()
+        overhead = defaults.filesystem_overhead(config.get("status", {}),
+                                                sc["metadata"]["name"] if sc else None)
+        try:
+            pvc_spec = defaults.render_pvc_spec(dv, storage_class=sc, profile=profile,
+                                                overhead=overhead)
+        except api_errors.APIError as e:
+            await self._set_status(dv, phase="Pending", bound=("False", "ErrClaimNotValid",
+                                                               e.message), warn=e.message)
+            return
+        preallocation = spec.get("preallocation")
+        if preallocation is None:
+            preallocation = bool(config.get("status", {}).get("preallocation", False))
+        annotations = {
+            A + "storage.import.source": "none" if "blank" in spec["source"] else "http",
+            A + "storage.contentType": spec.get("contentType", "kubevirt") or "kubevirt",
+            A + "storage.preallocation.requested": "true" if preallocation else "false",
+            A + "createdForDataVolume": meta["uid"],
+        }
+        http = spec["source"].get("http")
+        if http:
+            annotations[A + "storage.import.endpoint"] = http["url"]
+        annotations.update({k: v for k, v in meta.get("annotations", {}).items()
+                            if k.startswith(A) or k in importpod.POD_ANNOTATIONS})
+        pvc: Obj = {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {
+                "name": meta["name"], "namespace": meta["namespace"],
+                "labels": {"app": "containerized-data-importer",
+                           **meta.get("labels", {})},
+                "annotations": annotations,
+                "ownerReferences": [{"apiVersion": dv["apiVersion"], "kind": "DataVolume",
+                                     "name": meta["name"], "uid": meta["uid"],
+                                     "controller": True, "blockOwnerDeletion": True}],
+            },
+            "spec": pvc_spec,
+        }
+        try:
+            await self._store.create(pvc)
+        except api_errors.AlreadyExists:
+            return
+        await self._set_status(dv, phase="Pending", claim=meta["name"],
+                               bound=("False", "Pending", f"PVC {meta['name']} Pending"))
+
+    async def _create_pod(self, dv: Obj, pvc: Obj, *, scratch: bool) -> None:
+        config = await self._config()
+        status = config.get("status", {})
+        block = pvc["spec"].get("volumeMode") == "Block"
+        overhead = 0.0 if block else defaults.filesystem_overhead(
+            status, pvc["spec"].get("storageClassName"))
+        ann = pvc["metadata"].get("annotations", {})
+        proxy = status.get("importProxy", {}) or {}
+        pod = importpod.pod_spec(
+            dv, pvc, block=block, overhead=overhead,
+            preallocation=ann.get(A + "storage.preallocation.requested") == "true",
+            scratch=scratch,
+            proxy={"http_proxy": proxy.get("HTTPProxy", ""),
+                   "https_proxy": proxy.get("HTTPSProxy", ""),
+                   "no_proxy": proxy.get("noProxy", "")},
+            resources=status.get("defaultPodResourceRequirements", {}))
+        try:
+            created = await self._store.create(pod)
+        except api_errors.AlreadyExists:
+            return
+        if scratch:
+            await self._create_scratch(pvc, created, status)
+        await events.emit(self._store, dv, reason="ImportScheduled",
+                          message=f"Import into {pvc['metadata']['name']} scheduled")
+
+    async def _create_scratch(self, pvc: Obj, pod: Obj, config_status: dict[str, Any]) -> None:
+        meta = pvc["metadata"]
+        block = pvc["spec"].get("volumeMode") == "Block"
+        scratch_class = config_status.get("scratchSpaceStorageClass") or \
+            pvc["spec"].get("storageClassName")
+        target_overhead = 0.0 if block else defaults.filesystem_overhead(
+            config_status, pvc["spec"].get("storageClassName"))
+        scratch_overhead = defaults.filesystem_overhead(config_status, scratch_class)
+        request = units.parse_quantity(str(pvc["spec"]["resources"]["requests"]["storage"]))
+        size = units.round_up(space.required(scratch_overhead,
+                                             space.usable(target_overhead, request)), units.MiB)
+        scratch: Obj = {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {
+                "name": importpod.scratch_name(meta["name"]), "namespace": meta["namespace"],
+                "labels": {"app": "containerized-data-importer",
+                           "velero.io/exclude-from-backup": "true"},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Pod",
+                                     "name": pod["metadata"]["name"],
+                                     "uid": pod["metadata"]["uid"], "controller": True}],
+            },
+            "spec": {"accessModes": ["ReadWriteOnce"], "volumeMode": "Filesystem",
+                     "resources": {"requests": {"storage": str(size)}},
+                     **({"storageClassName": scratch_class} if scratch_class else {})},
+        }
+        try:
+            await self._store.create(scratch)
+        except api_errors.AlreadyExists:
+            pass
+        await self._annotate_claim(pvc, {REQUIRES_SCRATCH: "false"})
+
+    # -- status -----------------------------------------------------------------
+
+    async def _progress(self, dv: Obj, pod: Obj) -> tuple[str | None, dict[str, Any] | None]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        uid = dv["metadata"]["uid"]
+        sample = await importpod.scrape(pod, uid, self._session)
+        if sample is None or sample.percent is None:
+            return None, None
+        now = time.monotonic()
+        prev = self._samples.get(uid)
+        self._samples[uid] = (now, sample.bytes_read)
+        transfer: dict[str, Any] = {"bytesRead": sample.bytes_read,
+                                    "bytesTotal": sample.bytes_total}
+        if prev is not None and now > prev[0] and sample.bytes_read >= prev[1]:
+            rate = (sample.bytes_read - prev[1]) / (now - prev[0])
+            transfer["bytesPerSecond"] = int(rate)
+            if rate > 0 and sample.bytes_total > sample.bytes_read:
+                transfer["etaSeconds"] = int((sample.bytes_total - sample.bytes_read) / rate)
+        return f"{sample.percent:.2f}%", transfer
+
+    async def _set_status(self, dv: Obj, *, phase: str, progress: str | None = None,
+                          bound: tuple[str, str, str] | None = None,
+                          running: tuple[str, str, str] | None = None,
+                          restarts: int | None = None, claim: str | None = None,
+                          warn: str | None = None,
+                          transfer: dict[str, Any] | None = None) -> None:
+        old = dv.get("status", {}) or {}
+        new = copy.deepcopy(old)
+        new["phase"] = phase
+        new["claimName"] = claim or old.get("claimName") or dv["metadata"]["name"]
+        if progress is not None:
+            new["progress"] = progress
+        new.setdefault("progress", "N/A")
+        if restarts is not None:
+            new["restartCount"] = restarts
+        new.setdefault("restartCount", 0)
+        if transfer is not None:
+            new["transfer"] = transfer  # beyond CDI: bytes, rate and ETA (docs/control-plane.md)
+        elif phase != "ImportInProgress":
+            new.pop("transfer", None)
+        conditions = {c["type"]: c for c in new.get("conditions", [])}
+        ready = ("True", "", "") if phase == "Succeeded" else ("False", "", "")
+        if phase == "ImportInProgress" and running and running[0] == "True":
+            ready = ("False", "TransferRunning", "")
+        for ctype, value in (("Bound", bound), ("Ready", ready), ("Running", running)):
+            if value is None:
+                if ctype not in conditions:
+                    conditions[ctype] = {"type": ctype, "status": "False", "reason": "",
+                                         "message": ""}
+                continue
+            status_, reason, message = value
+            cur = conditions.get(ctype)
+            if cur is None or (cur.get("status"), cur.get("reason"), cur.get("message")) != value:
+                conditions[ctype] = {"type": ctype, "status": status_, "reason": reason,
+                                     "message": message, "lastTransitionTime": _now(),
+                                     "lastHeartbeatTime": _now()}
+        new["conditions"] = [conditions[t] for t in ("Bound", "Ready", "Running")]
+        if new == old:
+            return
+        updated = copy.deepcopy(dv)
+        updated["status"] = new
+        await self._store.replace_status(updated)
+        if old.get("phase") != phase:
+            await events.emit(self._store, dv, reason=phase, message=f"DataVolume phase {phase}")
+        old_running = {c["type"]: c for c in old.get("conditions", [])}.get("Running", {})
+        if warn and old_running.get("message") != warn:
+            await events.emit(self._store, dv, reason="Error", message=warn, type_="Warning")

@@ -1,0 +1,183 @@
+"""The importer pod: its spec (CDI's environment contract), and reading its results.
+
+The DataVolume controller asks for a pod with ``pod_spec``; the pod's worker is
+``cdi-importer``.  What the worker reports comes back through the pod status:
+``outcome`` interprets the termination message (success, scratch space
+needed, checksum mismatch, an error that will be retried), and ``scrape``
+reads the progress metrics of a running worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any
+
+import aiohttp
+
+from cdi.backends.port import Obj
+
+ANN = "cdi.kubevirt.io/"
+METRICS_ANNOTATION = "embedded.cdi.kubevirt.io/metrics-address"
+SCRAPE_TIMEOUT = 2.0
+# Running-condition messages CDI turns into "DataVolume too small to contain image".
+_TOO_SMALL = ("is larger than the reported available", "no space left on device",
+              "file largest block is bigger than maxblock", "disk quota exceeded")
+# DataVolume annotations passed on to worker pods (network attachment, sidecars).
+POD_ANNOTATIONS = ("k8s.v1.cni.cncf.io/networks", "v1.multus-cni.io/default-network",
+                   "sidecar.istio.io/inject", "linkerd.io/inject")
+
+
+def pod_name(pvc_name: str) -> str:
+    return f"importer-{pvc_name}"
+
+
+def scratch_name(pvc_name: str) -> str:
+    return f"{pvc_name}-scratch"
+
+
+def source_env(dv: Obj) -> list[dict[str, Any]]:
+    """The IMPORTER_* variables that describe the DataVolume's source."""
+    spec = dv["spec"]
+    source = spec.get("source", {})
+    content = spec.get("contentType", "kubevirt") or "kubevirt"
+    if "blank" in source:
+        return [{"name": "IMPORTER_SOURCE", "value": "none"},
+                {"name": "IMPORTER_CONTENTTYPE", "value": content}]
+    http = source["http"]
+    env: list[dict[str, Any]] = [
+        {"name": "IMPORTER_SOURCE", "value": "http"},
+        {"name": "IMPORTER_ENDPOINT", "value": http["url"]},
+        {"name": "IMPORTER_CONTENTTYPE", "value": content},
+    ]
+    if http.get("secretRef"):
+        for var, key in (("IMPORTER_ACCESS_KEY_ID", "accessKeyId"),
+                         ("IMPORTER_SECRET_KEY", "secretKey")):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {
+                "name": http["secretRef"], "key": key}}})
+    if http.get("checksum"):
+        env.append({"name": "IMPORTER_CHECKSUM", "value": http["checksum"]})
+    if http.get("insecureSkipVerify"):
+        env.append({"name": "INSECURE_TLS", "value": "true"})
+    for i, header in enumerate(http.get("extraHeaders", [])):
+        env.append({"name": f"IMPORTER_EXTRA_HEADER_{i}", "value": header})
+    return env
+
+
+def pod_spec(dv: Obj, pvc: Obj, *, block: bool, overhead: float, preallocation: bool,
+             scratch: bool, proxy: dict[str, str], resources: dict[str, Any]) -> Obj:
+    meta = pvc["metadata"]
+    name = meta["name"]
+    env = source_env(dv) + [
+        {"name": "IMPORTER_IMAGE_SIZE",
+         "value": str(pvc["spec"]["resources"]["requests"]["storage"])},
+        {"name": "OWNER_UID", "value": dv["metadata"]["uid"]},
+        {"name": "FILESYSTEM_OVERHEAD", "value": "0" if block else f"{overhead:g}"},
+        {"name": "PREALLOCATION", "value": "true" if preallocation else "false"},
+    ] + [{"name": k, "value": v} for k, v in sorted(proxy.items()) if v]
+    container: Obj = {
+        "name": "importer",
+        "image": "cdi-importer",
+        "command": ["cdi-importer"],
+        "env": env,
+        "ports": [{"name": "metrics", "containerPort": 8443, "protocol": "TCP"}],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "resources": resources,
+    }
+    volumes: list[Obj] = [{"name": "cdi-data-vol", "persistentVolumeClaim": {"claimName": name}}]
+    if block:
+        container["volumeDevices"] = [{"name": "cdi-data-vol",
+                                       "devicePath": "/dev/cdi-block-volume"}]
+    else:
+        container["volumeMounts"] = [{"name": "cdi-data-vol", "mountPath": "/data"}]
+    if scratch:
+        volumes.append({"name": "cdi-scratch-vol",
+                        "persistentVolumeClaim": {"claimName": scratch_name(name)}})
+        container.setdefault("volumeMounts", []).append(
+            {"name": "cdi-scratch-vol", "mountPath": "/scratch"})
+    cert_cm = dv["spec"].get("source", {}).get("http", {}).get("certConfigMap")
+    if cert_cm:
+        volumes.append({"name": "cdi-cert-vol", "configMap": {"name": cert_cm}})
+        container.setdefault("volumeMounts", []).append(
+            {"name": "cdi-cert-vol", "mountPath": "/certs"})
+    dv_annotations = dv["metadata"].get("annotations", {})
+    annotations = {"sidecar.istio.io/inject": "false", "linkerd.io/inject": "disabled"}
+    annotations.update({k: v for k, v in dv_annotations.items() if k in POD_ANNOTATIONS})
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": pod_name(name), "namespace": meta["namespace"],
+            "labels": {"app": "containerized-data-importer", "cdi.kubevirt.io": "importer",
+                       "prometheus.cdi.kubevirt.io": "true"},
+            "annotations": annotations,
+            "ownerReferences": [{"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                                 "name": name, "uid": meta["uid"], "controller": True,
+                                 "blockOwnerDeletion": True}],
+        },
+        "spec": {"restartPolicy": "OnFailure", "containers": [container], "volumes": volumes},
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    kind: str  # "succeeded" | "scratch" | "checksum" | "failed"
+    message: str
+    preallocation_applied: bool = False
+
+
+def outcome(message: str) -> Outcome:
+    """What a worker that exited 0 reported (CDI's JSON termination message)."""
+    try:
+        data = json.loads(message) if message.strip() else {}
+    except json.JSONDecodeError:
+        return Outcome("failed", message.strip())
+    text = str(data.get("message", ""))
+    if data.get("scratchSpaceRequired"):
+        return Outcome("scratch", text)
+    if "checksum mismatch" in text:
+        return Outcome("checksum", text)
+    if text.startswith("Unable to"):
+        return Outcome("failed", text)
+    return Outcome("succeeded", text or "Import Complete",
+                   bool(data.get("preallocationApplied")))
+
+
+def running_message(message: str) -> str:
+    """CDI's rewording of a worker's error for the Running condition."""
+    if any(s in message for s in _TOO_SMALL):
+        return "DataVolume too small to contain image"
+    return message.strip()
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    percent: float | None
+    bytes_read: int
+    bytes_total: int
+
+
+async def scrape(pod: Obj, owner_uid: str, session: aiohttp.ClientSession) -> Sample | None:
+    """Read a running worker's progress metrics; None if it cannot be reached now."""
+    address = pod["metadata"].get("annotations", {}).get(METRICS_ANNOTATION)
+    url = f"http://{address}/metrics" if address else None
+    if url is None:
+        ip = pod.get("status", {}).get("podIP")
+        if not ip:
+            return None
+        url = f"https://{ip}:8443/metrics"
+    try:
+        async with session.get(url, ssl=False,
+                               timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)) as r:
+            text = await r.text()
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+
+    def value(metric: str) -> float | None:
+        m = re.search(rf'^{metric}\{{ownerUID="{re.escape(owner_uid)}"\}} ([0-9.e+]+)$',
+                      text, re.M)
+        return float(m.group(1)) if m else None
+
+    percent = value("kubevirt_cdi_import_progress_total")
+    return Sample(percent, int(value("kubevirt_cdi_import_bytes_read") or 0),
+                  int(value("kubevirt_cdi_import_bytes_expected") or 0))
