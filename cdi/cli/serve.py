@@ -55,7 +55,7 @@ def api_token(data_dir: Path) -> tuple[str, Path]:
 
 
 async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | None,
-                restart_backoff: float) -> None:
+                restart_backoff: float, max_workers: int | None) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o700)
     token, token_file = api_token(data_dir)
@@ -65,7 +65,8 @@ async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | N
     await storage.ensure_classes(store, storage.load_classes(data_dir))
     cdiconfig = CDIConfigController(store)
     await cdiconfig.ensure()
-    runner = PodRunner(store, data_dir=data_dir, volumes=volumes, backoff_base=restart_backoff)
+    runner = PodRunner(store, data_dir=data_dir, volumes=volumes, backoff_base=restart_backoff,
+                       max_running=max_workers)
     provisioner = storage.Provisioner(store, volumes)
     datavolumes = DataVolumeController(store)
     runtime = Runtime(store)
@@ -134,9 +135,12 @@ def _is_loopback(host: str) -> bool:
 @click.option("--tls-key", type=click.Path(path_type=Path, exists=True), default=None)
 @click.option("--restart-backoff", type=float, default=10.0, show_default=True,
               help="Seconds before a failed worker's first restart (doubles, max 300).")
+@click.option("--max-workers", type=int, default=None,
+              help="Workers running at once (default: twice the CPUs, at least 4).")
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 def serve_command(data_dir: Path | None, address: str, tls_cert: Path | None,
-                  tls_key: Path | None, restart_backoff: float, verbose: bool) -> None:
+                  tls_key: Path | None, restart_backoff: float, max_workers: int | None,
+                  verbose: bool) -> None:
     """Run the embedded control plane: REST API, controllers, volumes and workers."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -144,4 +148,4 @@ def serve_command(data_dir: Path | None, address: str, tls_cert: Path | None,
     host = host.strip("[]") or "127.0.0.1"
     tls = _tls(host, tls_cert, tls_key)
     asyncio.run(serve(data_dir or default_data_dir(), host, int(port or 0), tls=tls,
-                      restart_backoff=restart_backoff))
+                      restart_backoff=restart_backoff, max_workers=max_workers))

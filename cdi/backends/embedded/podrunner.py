@@ -51,8 +51,11 @@ def now() -> str:
 
 class PodRunner:
     def __init__(self, store: ObjectStore, *, data_dir: Path, volumes: Volumes,
-                 backoff_base: float = 10.0, backoff_max: float = 300.0) -> None:
+                 backoff_base: float = 10.0, backoff_max: float = 300.0,
+                 max_running: int | None = None) -> None:
         self._store = store
+        # Like a node's capacity: pods beyond it stay Pending until a worker ends.
+        self._slots = asyncio.Semaphore(max_running or max(4, 2 * (os.cpu_count() or 1)))
         self._root = data_dir / "pods"
         self._volumes = volumes
         self._backoff_base = backoff_base
@@ -122,7 +125,8 @@ class PodRunner:
             container = pod["spec"]["containers"][0]
             argv = _argv(container)
             while True:
-                rc, message = await self._run_once(pod, argv, env, restarts)
+                async with self._slots:
+                    rc, message = await self._run_once(pod, argv, env, restarts)
                 if rc == 0 or pod["spec"].get("restartPolicy", "OnFailure") == "Never":
                     await self._set_terminated(pod, rc, message, restarts)
                     return
