@@ -1,0 +1,1 @@
+"""Tests of the `cdi` command-line client, run as a user runs it."""
