@@ -17,6 +17,7 @@ import asyncio
 import base64
 import contextlib
 import datetime
+import functools
 import logging
 import os
 import shutil
@@ -43,6 +44,7 @@ MOUNT_ENV = {
 DEVICE_ENV = {"/dev/cdi-block-volume": "IMPORTER_BLOCK_PATH"}
 COMMANDS = {"cdi-importer": [sys.executable, "-m", "importer"]}
 STOP_GRACE = 10.0
+CONFIG_RETRY = 0.5  # seconds between looks for a missing Secret or ConfigMap
 
 
 def now() -> str:
@@ -60,7 +62,9 @@ class PodRunner:
         self._volumes = volumes
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
-        self._supervisors: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._supervisors: dict[str, asyncio.Task[None]] = {}  # by pod uid
+        self._names: dict[str, tuple[str, str]] = {}  # pod uid -> (namespace, name)
+        self._deleted: set[str] = set()  # uids of deleted pods not yet cleaned up
 
     def pod_dir(self, namespace: str, name: str) -> Path:
         return self._root / namespace / name
@@ -99,29 +103,43 @@ class PodRunner:
 
     def _handle(self, event: str, pod: Obj) -> None:
         meta = pod["metadata"]
-        key = (meta["namespace"], meta["name"])
-        task = self._supervisors.get(key)
+        uid = meta["uid"]
+        task = self._supervisors.get(uid)
         if event == "DELETED" or meta.get("deletionTimestamp"):
-            if task is not None:
-                task.cancel()
             if event == "DELETED":
-                self._supervisors.pop(key, None)
-                shutil.rmtree(self.pod_dir(*key), ignore_errors=True)
+                self._deleted.add(uid)
+            if task is not None:
+                task.cancel()  # its finally stops the worker, then cleans up
+            elif event == "DELETED":
+                shutil.rmtree(self.pod_dir(meta["namespace"], meta["name"]), ignore_errors=True)
             return
         phase = pod.get("status", {}).get("phase")
-        if task is None and phase not in ("Succeeded", "Failed"):
-            self._supervisors[key] = asyncio.get_running_loop().create_task(
-                self._supervise(pod), name=f"pod-{key[0]}-{key[1]}")
+        if task is None and phase not in ("Succeeded", "Failed") and uid not in self._deleted:
+            key = (meta["namespace"], meta["name"])
+            # A pod of the same name that is still stopping must be gone first: two
+            # workers must never write one volume.
+            earlier = [t for u, t in self._supervisors.items() if self._names.get(u) == key]
+            task = asyncio.get_running_loop().create_task(
+                self._supervise(pod, after=earlier), name=f"pod-{key[0]}-{key[1]}")
+            self._supervisors[uid] = task
+            self._names[uid] = key
+            task.add_done_callback(functools.partial(self._forget, uid))
+
+    def _forget(self, uid: str, _task: asyncio.Task[None]) -> None:
+        self._supervisors.pop(uid, None)
+        self._names.pop(uid, None)
 
     # -- one pod ----------------------------------------------------------------
 
-    async def _supervise(self, pod: Obj) -> None:
+    async def _supervise(self, pod: Obj, *, after: list[asyncio.Task[None]]) -> None:
         meta = pod["metadata"]
-        ns, name = meta["namespace"], meta["name"]
+        ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
         try:
+            if after:
+                await asyncio.gather(*after, return_exceptions=True)
             _kill_leftover(pod)
             restarts = _restart_count(pod)
-            env = await self._environment(pod)
+            env = await self._environment_when_ready(pod)
             container = pod["spec"]["containers"][0]
             argv = _argv(container)
             while True:
@@ -150,7 +168,23 @@ class PodRunner:
         except Exception:
             log.exception("POD %s/%s supervisor failed", ns, name)
         finally:
-            self._supervisors.pop((ns, name), None)
+            if uid in self._deleted:
+                self._deleted.discard(uid)
+                shutil.rmtree(self.pod_dir(ns, name), ignore_errors=True)
+
+    async def _environment_when_ready(self, pod: Obj) -> dict[str, str]:
+        """Like the kubelet: a missing Secret or ConfigMap keeps the container waiting."""
+        container = pod["spec"]["containers"][0]
+        while True:
+            try:
+                return await self._environment(pod)
+            except _ConfigMissing as e:
+                await self._status(pod, {"phase": "Pending", "containerStatuses": [{
+                    "name": container["name"], "ready": False,
+                    "restartCount": _restart_count(pod),
+                    "state": {"waiting": {"reason": "CreateContainerConfigError",
+                                          "message": str(e)}}}]})
+                await asyncio.sleep(CONFIG_RETRY)
 
     async def _environment(self, pod: Obj) -> dict[str, str]:
         """The container's env plus the paths its mounts stand for; waits for bound claims."""
@@ -196,16 +230,22 @@ class PodRunner:
         ref = var.get("valueFrom", {}).get("secretKeyRef")
         if ref is None:
             return str(var.get("value", ""))
-        secret = await self._store.get("Secret", ref["name"], namespace)
+        try:
+            secret = await self._store.get("Secret", ref["name"], namespace)
+        except errors.NotFound:
+            raise _ConfigMissing(f'secret "{ref["name"]}" not found') from None
         data = secret.get("data", {})
         if ref["key"] in data:
             return base64.b64decode(data[ref["key"]]).decode()
         if ref["key"] in secret.get("stringData", {}):
             return str(secret["stringData"][ref["key"]])
-        raise errors.NotFound(f'key "{ref["key"]}" not found in secret "{ref["name"]}"')
+        raise _ConfigMissing(f'couldn\'t find key {ref["key"]} in Secret {namespace}/{ref["name"]}')
 
     async def _materialize_config_map(self, namespace: str, name: str, target: Path) -> None:
-        cm = await self._store.get("ConfigMap", name, namespace)
+        try:
+            cm = await self._store.get("ConfigMap", name, namespace)
+        except errors.NotFound:
+            raise _ConfigMissing(f'configmap "{name}" not found') from None
         target.mkdir(parents=True, exist_ok=True)
         for key, value in cm.get("data", {}).items():
             if "/" in key or key.startswith("."):
@@ -244,17 +284,17 @@ class PodRunner:
                 stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
                 start_new_session=True)
         container = pod["spec"]["containers"][0]
-        await self._status(pod, {
-            "phase": "Running", "podIP": "127.0.0.1", "hostIP": "127.0.0.1",
-            "startTime": pod.get("status", {}).get("startTime") or now(),
-            "conditions": [{"type": "PodScheduled", "status": "True"},
-                           {"type": "Ready", "status": "True"}],
-            "containerStatuses": [{
-                "name": container["name"], "ready": True, "restartCount": restarts,
-                "state": {"running": {"startedAt": now()}},
-            }],
-        }, annotations={PID_ANNOTATION: str(proc.pid)})
         try:
+            await self._status(pod, {
+                "phase": "Running", "podIP": "127.0.0.1", "hostIP": "127.0.0.1",
+                "startTime": pod.get("status", {}).get("startTime") or now(),
+                "conditions": [{"type": "PodScheduled", "status": "True"},
+                               {"type": "Ready", "status": "True"}],
+                "containerStatuses": [{
+                    "name": container["name"], "ready": True, "restartCount": restarts,
+                    "state": {"running": {"startedAt": now()}},
+                }],
+            }, annotations={PID_ANNOTATION: str(proc.pid)})
             waiter = asyncio.ensure_future(proc.wait())
             address_file = d / "metrics-address"
             while not waiter.done():
@@ -265,8 +305,9 @@ class PodRunner:
                         break
                 await asyncio.wait({waiter}, timeout=0.05)
             rc = await waiter
-        except asyncio.CancelledError:
-            await _stop(proc)
+        except BaseException:
+            # Cancelled, or the pod is gone: the worker must not outlive its supervisor.
+            await asyncio.shield(_stop(proc))
             raise
         term = d / "termination-log"
         message = term.read_text() if term.exists() else ""
@@ -294,6 +335,10 @@ class PodRunner:
         if annotations:
             patch["metadata"] = {"annotations": annotations}
         await self._store.patch("Pod", meta["name"], meta["namespace"], patch)
+
+
+class _ConfigMissing(Exception):
+    """A Secret or ConfigMap the container needs does not exist (yet)."""
 
 
 def _argv(container: Obj) -> list[str]:

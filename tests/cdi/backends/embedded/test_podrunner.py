@@ -110,3 +110,93 @@ def test_claims_bind_and_pods_restart_until_success(tmp_path: Path) -> None:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(main())
+
+
+LOCKING = """
+import os, signal, sys, time
+lock = os.path.join(os.environ["IMPORTER_DATA_DIR"], "lock")
+try:
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+except FileExistsError:
+    open(os.path.join(os.environ["IMPORTER_DATA_DIR"], "overlap"), "w").write("two workers")
+    sys.exit(9)
+os.write(fd, str(os.getpid()).encode())
+def bye(*_):
+    time.sleep(0.5)  # a slow shutdown, like a worker closing its connections
+    os.unlink(lock)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, bye)
+time.sleep(60)
+"""
+
+
+def test_a_replaced_pod_never_overlaps_and_nothing_outlives_its_pod(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with SQLiteStore(tmp_path / "db") as store:
+            await ensure_classes(store, DEFAULT_CLASSES)
+            volumes = Volumes(tmp_path)
+            tasks = [asyncio.create_task(Provisioner(store, volumes).run()),
+                     asyncio.create_task(PodRunner(store, data_dir=tmp_path, volumes=volumes,
+                                                   backoff_base=0.05).run())]
+            try:
+                await store.create(claim("vol"))
+                spec = pod("w", "vol")
+                spec["spec"]["containers"][0]["command"] = [sys.executable, "-c", LOCKING]
+                bound = await _wait(store, "PersistentVolumeClaim", "vol",
+                                    lambda o: o.get("status", {}).get("phase") == "Bound")
+                volume = volumes.path(bound["spec"]["volumeName"], block=False)
+                for _ in range(3):  # delete and recreate under the same name, quickly
+                    await store.create(spec)
+                    await _wait(store, "Pod", "w",
+                                lambda o: o.get("status", {}).get("phase") == "Running")
+                    for _ in range(100):
+                        if (volume / "lock").exists():
+                            break
+                        await asyncio.sleep(0.02)
+                    pid = int((volume / "lock").read_text())
+                    await store.delete("Pod", "w", "ns")
+                await asyncio.sleep(1.5)
+                assert not (volume / "overlap").exists()
+                assert not Path(f"/proc/{pid}").exists(), "the last worker stopped with its pod"
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def test_missing_secret_waits_and_says_so(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with SQLiteStore(tmp_path / "db") as store:
+            await ensure_classes(store, DEFAULT_CLASSES)
+            volumes = Volumes(tmp_path)
+            tasks = [asyncio.create_task(Provisioner(store, volumes).run()),
+                     asyncio.create_task(PodRunner(store, data_dir=tmp_path, volumes=volumes,
+                                                   backoff_base=0.05).run())]
+            try:
+                await store.create(claim("vol"))
+                spec = pod("w", "vol")
+                spec["spec"]["containers"][0]["env"].append(
+                    {"name": "X_SECRET", "valueFrom": {"secretKeyRef": {"name": "creds",
+                                                                        "key": "k"}}})
+                await store.create(spec)
+                waiting = await _wait(store, "Pod", "w", lambda o: bool(
+                    o.get("status", {}).get("containerStatuses")))
+                state = waiting["status"]["containerStatuses"][0]["state"]["waiting"]
+                assert state == {"reason": "CreateContainerConfigError",
+                                 "message": 'secret "creds" not found'}
+                await store.create({"apiVersion": "v1", "kind": "Secret",
+                                    "metadata": {"name": "creds", "namespace": "ns"},
+                                    "data": {"k": "aGlkZGVu"}})
+                await _wait(store, "Pod", "w",
+                            lambda o: o.get("status", {}).get("phase") == "Succeeded")
+                log = (tmp_path / "pods" / "ns" / "w" / "log").read_text()
+                env = json.loads(log.strip().splitlines()[-1].removeprefix("env "))
+                assert env["X_SECRET"] == "hidden"
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
