@@ -32,8 +32,11 @@ def available() -> bool:
 
 
 class Nbdkit:
-    def __init__(self, url: str, *, settings: Settings, ca_bundle: Path | None) -> None:
+    def __init__(self, url: str, *, settings: Settings, ca_bundle: Path | None,
+                 auth: tuple[str, str] | None = None, pin_header: str | None = None) -> None:
         self._url = url
+        self._auth = auth
+        self._pin_header = pin_header
         self._settings = settings
         self._ca_bundle = ca_bundle
         self._dir = Path(tempfile.mkdtemp(prefix="cdi-nbdkit-"))
@@ -63,10 +66,12 @@ class Nbdkit:
         ]
         for name, value in s.extra_headers:
             args.append(f"header={name}: {value}")
+        if self._pin_header:
+            args.append(f"header={self._pin_header}")
         pass_fds: tuple[int, ...] = ()
         read_fd = -1
-        if s.basic_auth:
-            user, password = s.basic_auth
+        if self._auth:
+            user, password = self._auth
             read_fd, write_fd = os.pipe()
             os.write(write_fd, password.encode() + b"\n")
             os.close(write_fd)

@@ -117,8 +117,6 @@ def make_session(settings: Settings) -> requests.Session:
     s.headers.update({"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
     for name, value in settings.extra_headers:
         s.headers[name] = value
-    if settings.basic_auth:
-        s.auth = settings.basic_auth
     ctx = ssl.create_default_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     for f in ca_files(settings):
@@ -131,6 +129,14 @@ def make_session(settings: Settings) -> requests.Session:
         log.warning("TLS verification is off for this import (INSECURE_TLS)")
     s.mount("https://", _TLSAdapter(ctx))
     return s
+
+
+def auth_for(settings: Settings, url: str) -> tuple[str, str] | None:
+    """Basic auth for URL: only on the endpoint's own host, never where a redirect led."""
+    if settings.basic_auth is None:
+        return None
+    same = urllib.parse.urlsplit(url).netloc == urllib.parse.urlsplit(settings.endpoint).netloc
+    return settings.basic_auth if same else None
 
 
 def proxies_for(settings: Settings, url: str) -> dict[str, str]:
@@ -209,6 +215,7 @@ class Body:
         headers = {"Range": f"bytes={self.offset}-", "If-Range": self.validator or ""}
         try:
             r = self._session.get(self.url, headers=headers, stream=True, allow_redirects=True,
+                                  auth=auth_for(self._settings, self.url),
                                   proxies=proxies_for(self._settings, self.url),
                                   timeout=(CONNECT_TIMEOUT, self._settings.stall_timeout))
         except requests.RequestException as e:
@@ -252,7 +259,7 @@ class HTTPSource:
         s = self._settings
         try:
             r = self._session.get(s.endpoint, stream=True, allow_redirects=True,
-                                  proxies=proxies_for(s, s.endpoint),
+                                  auth=s.basic_auth, proxies=proxies_for(s, s.endpoint),
                                   timeout=(CONNECT_TIMEOUT, s.stall_timeout))
         except requests.RequestException as e:
             raise errors.SourceError(reason=f"GET {redact(s.endpoint)}: {describe(e)}") from e
@@ -302,7 +309,7 @@ class HTTPSource:
         if not d.needs_conversion:
             return Phase.TRANSFER_DATA_FILE
         if (not d.compressed and self._body.resumable and self._settings.checksum is None
-                and nbdkit.available() and self._qemu_friendly()):
+                and self._nbdkit_safe() and nbdkit.available() and self._qemu_friendly()):
             try:
                 self._start_nbdkit()
                 return Phase.CONVERT
@@ -310,10 +317,32 @@ class HTTPSource:
                 log.warning("NBDKIT unavailable, using scratch space: %s", e)
         return Phase.TRANSFER_SCRATCH
 
+    def _nbdkit_safe(self) -> bool:
+        """Whether qemu-img may read this URL through nbdkit.
+
+        nbdkit re-requests ranges for as long as qemu-img reads, so each request
+        must be pinned to the file we started with (a validator, sent as
+        If-Match / If-Unmodified-Since: a changed file then fails instead of
+        mixing two versions).  Its arguments are visible to local users, so a
+        URL with a query (often a signed token) or secret headers stay on the
+        streaming path.
+        """
+        body = self._body
+        if not body.validator:
+            return False
+        if urllib.parse.urlsplit(body.url).query or self._settings.extra_headers:
+            return False
+        return True
+
+    def _validator_header(self) -> str:
+        v = self._body.validator or ""
+        return f"If-Match: {v}" if v.startswith('"') else f"If-Unmodified-Since: {v}"
+
     def _qemu_friendly(self) -> bool:
         """nbdkit's curl plugin learns the size with HEAD: the server must answer it."""
         try:
             r = self._session.head(self._body.url, allow_redirects=True,
+                                   auth=auth_for(self._settings, self._body.url),
                                    proxies=proxies_for(self._settings, self._body.url),
                                    timeout=(CONNECT_TIMEOUT, self._settings.stall_timeout))
             r.close()
@@ -336,7 +365,9 @@ class HTTPSource:
             self._ca_bundle.write_bytes(b"\n".join(f.read_bytes() for f in files))
         url = self._body.url
         self._body.close()
-        self._nbdkit = nbdkit.Nbdkit(url, settings=self._settings, ca_bundle=self._ca_bundle)
+        self._nbdkit = nbdkit.Nbdkit(url, settings=self._settings, ca_bundle=self._ca_bundle,
+                                     auth=auth_for(self._settings, url),
+                                     pin_header=self._validator_header())
         self._convert_url = self._nbdkit.start()
         # Read (and so pin in nbdkit's cache) the metadata the Convert phase checks.
         self._nbdkit.pin()

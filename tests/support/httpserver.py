@@ -278,6 +278,9 @@ class _Handler(BaseHTTPRequestHandler):
             headers.append(("Content-Length", str(size)))
             return _Served(200, headers, 0, size)
 
+        if_match = self.headers.get("If-Match")
+        if if_match is not None and if_match.strip() not in ("*", etag):
+            return _Served(412, [])
         headers.append(("Accept-Ranges", "bytes"))
         range_header = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
@@ -302,8 +305,8 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> None:
         st = os.fstat(f.fileno())
         plan = self._plan(st, config)
-        if plan.status == 416:
-            self._simple(416, head, plan.headers)
+        if plan.status in (412, 416):
+            self._simple(plan.status, head, plan.headers)
             return
 
         limit: int | None = None

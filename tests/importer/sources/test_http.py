@@ -411,3 +411,48 @@ def test_qcow2_through_nbdkit_survives_cuts(http_server: FileServer, raw_image: 
                           IMPORTER_IMAGE_SIZE=SIZE))
     assert qemu_img.compare(str(raw_image), str(vol.disk))
     assert len(http_server.requests_for("disk.qcow2", "GET")) > 4
+
+
+def test_file_changed_under_nbdkit_fails_instead_of_mixing(
+        http_server: FileServer, raw_image: Path, volume: Callable[..., Volume],
+        import_in_process: Importer, tmp_path: Path) -> None:
+    served = images.convert(raw_image, http_server.root / "disk.qcow2", "qcow2")
+    data = bytearray(served.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = b"\xff" * 4096  # same size, other content, other ETag
+    newer = tmp_path / "newer.qcow2"
+    newer.write_bytes(bytes(data))
+    # Our first GET sees the old file; every request after it, nbdkit's too, the new one.
+    http_server.configure("disk.qcow2", change_after_first_get=newer)
+    vol = volume(scratch=False)
+    result = import_in_process(vol, IMPORTER_ENDPOINT=http_server.url("disk.qcow2"),
+                               IMPORTER_IMAGE_SIZE=SIZE, IMPORTER_RETRIES="1")
+    assert result.code == 1, result.message
+    assert not vol.disk.exists()
+    by_nbdkit = [r for r in http_server.requests_for("disk.qcow2")
+                 if r.headers.get("user-agent") == "cdi-nbdkit-importer"]
+    assert by_nbdkit and {r.status for r in by_nbdkit} == {412}, \
+        "every request of nbdkit was refused by its If-Match"
+
+
+def test_credentials_never_follow_a_redirect_to_another_host(
+        http_server: FileServer, tmp_path: Path, volume: Callable[..., Volume],
+        import_in_process: Importer) -> None:
+    other = FileServer(tmp_path / "other").start()
+    try:
+        raw = images.make_raw(other.root / "disk.raw", virtual_size=16 * MiB,
+                              extents=[(0, 4 * MiB)])
+        images.convert(raw, other.root / "disk.qcow2", "qcow2")
+        other.configure("disk.raw", cut_after=2 * MiB)
+        for name in ("disk.raw", "disk.qcow2"):  # streamed with a resume; through nbdkit
+            http_server.configure(f"start/{name}", auth=("alice", "s3cret"),
+                                  redirect_to=other.url(name))
+            vol = volume(scratch=False)
+            _ok(import_in_process(vol, IMPORTER_ENDPOINT=http_server.url(f"start/{name}"),
+                                  IMPORTER_IMAGE_SIZE=SIZE, IMPORTER_ACCESS_KEY_ID="alice",
+                                  IMPORTER_SECRET_KEY="s3cret"))
+            assert qemu_img.compare(str(raw), str(vol.disk))
+        seen = other.requests
+        assert len(seen) > 3 and not any("authorization" in r.headers for r in seen)
+    finally:
+        other.stop()
