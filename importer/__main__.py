@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -49,7 +50,11 @@ def main() -> int:
         s = settings.from_env()
     except errors.SettingsError as e:
         log.error("SETTINGS %s", e)
-        print(f"Invalid settings: {e}", file=sys.stderr)
+        message = f"Invalid settings: {e}"
+        print(message, file=sys.stderr)
+        # The contract could not be read, but where the message goes usually can.
+        path = os.environ.get("IMPORTER_TERMINATION_LOG") or "/dev/termination-log"
+        write_termination(Path(path), message)
         return 1
     code, message = run(s)
     write_termination(s.termination_log, message)

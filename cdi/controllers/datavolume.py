@@ -24,7 +24,7 @@ from cdi.api import defaults
 from cdi.api import errors as api_errors
 from cdi.backends.port import Obj, ObjectStore
 from cdi.controllers import events, importpod
-from cdi.controllers.runtime import Key, Mapper, Result, owner_keys
+from cdi.controllers.runtime import Key, Mapper, Result, TemporaryError, owner_keys
 from importer import space, units
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,21 @@ PREALLOCATION_APPLIED = A + "storage.preallocation"
 RUNNING_REASON = A + "storage.condition.running.reason"
 RUNNING_MESSAGE = A + "storage.condition.running.message"
 SUPPORTED = ("http", "blank")
+NO_PVC = ("False", "NotFound", "No PVC found")
+# Phases only move forward while an import runs (a second pod for scratch space
+# does not take a DataVolume back to ImportScheduled).
+_RANK = {"": 0, "Pending": 0, "WaitForFirstConsumer": 0, "PVCBound": 1, "ImportScheduled": 2,
+         "ImportInProgress": 3}
+# Event reason and message for entering a phase, as CDI words them.
+_PHASE_EVENTS = {
+    "Pending": ("Pending", "PVC {pvc} Pending"),
+    "WaitForFirstConsumer": ("WaitForFirstConsumer", "PVC {pvc} Pending"),
+    "ImportScheduled": ("ImportScheduled", "Import into {pvc} scheduled"),
+    "ImportInProgress": ("ImportInProgress", "Import into {pvc} in progress"),
+    "Succeeded": ("ImportSucceeded", "Successfully imported into PVC {pvc}"),
+    "Failed": ("ImportFailed", "Failed to import into PVC {pvc}"),
+    "Unknown": ("Unknown", "PVC {pvc} is in an unknown phase"),
+}
 PROGRESS_INTERVAL = 2.0
 
 
@@ -80,7 +95,7 @@ class DataVolumeController:
         source = next(iter(dv["spec"].get("source", {}) or {}), None)
         if source not in SUPPORTED:
             what = source or ("sourceRef" if dv["spec"].get("sourceRef") else "none")
-            await self._set_status(dv, phase="Pending", running=(
+            await self._set_status(dv, phase="Pending", bound=NO_PVC, running=(
                 "False", "UnsupportedSource", f"source {what} is not supported yet"))
             return None
         pvc = await self._get("PersistentVolumeClaim", name, ns)
@@ -100,7 +115,17 @@ class DataVolumeController:
     async def _reconcile_import(self, dv: Obj, pvc: Obj) -> Result | None:
         ns, name = pvc["metadata"]["namespace"], pvc["metadata"]["name"]
         ann = pvc["metadata"].get("annotations", {})
-        bound = pvc.get("status", {}).get("phase") == "Bound"
+        pvc_phase = pvc.get("status", {}).get("phase", "Pending")
+        if pvc_phase == "Lost":
+            await self._set_status(dv, phase="Failed",
+                                   bound=("False", "ClaimLost", f"PVC {name} lost"),
+                                   warn=f"PVC {name} lost", warn_reason="ErrClaimLost")
+            return None
+        if pvc_phase not in ("Pending", "Bound"):
+            await self._set_status(dv, phase="Unknown", bound=(
+                "Unknown", pvc_phase, f"PVC {name} is {pvc_phase}"))
+            return None
+        bound = pvc_phase == "Bound"
         bound_cond = (("True", "Bound", f"PVC {name} Bound") if bound
                       else ("False", "Pending", f"PVC {name} Pending"))
         restarts = int(ann.get(POD_RESTARTS, "0"))
@@ -123,6 +148,12 @@ class DataVolumeController:
             if not bound and wffc and not immediate:
                 await self._set_status(dv, phase="WaitForFirstConsumer", bound=bound_cond)
                 return None
+            if not bound and not wffc:
+                await self._set_status(dv, phase="Pending", bound=bound_cond)
+                return None  # the claim's binding brings us back
+            if bound and _RANK.get(dv.get("status", {}).get("phase", ""), 9) < 1:
+                await self._set_status(dv, phase="PVCBound", bound=bound_cond)
+                return Result(requeue_after=0.01)
             await self._create_pod(dv, pvc, scratch=ann.get(REQUIRES_SCRATCH) == "true")
             await self._set_status(dv, phase="ImportScheduled", bound=bound_cond,
                                    running=("False", "Pending", "Import pod scheduled"))
@@ -154,8 +185,6 @@ class DataVolumeController:
                     RUNNING_REASON: "Completed", RUNNING_MESSAGE: "Import Complete",
                     PREALLOCATION_APPLIED: "true" if result.preallocation_applied else "false",
                 })
-                await events.emit(self._store, dv, reason="ImportSucceeded",
-                                  message="Successfully imported data")
                 return Result(requeue_after=0.01)
             reason = "ChecksumError" if result.kind == "checksum" else "Error"
             await self._annotate_claim(pvc, {
@@ -166,6 +195,22 @@ class DataVolumeController:
                               type_="Warning")
             await self._delete("Pod", importpod.pod_name(name), ns)
             return Result(requeue_after=0.01)
+        if any(v.get("name") == "cdi-scratch-vol" for v in pod["spec"].get("volumes", [])) and \
+                await self._get("PersistentVolumeClaim", importpod.scratch_name(name), ns) is None:
+            # cdi serve stopped between creating the pod and its scratch claim.
+            config = await self._config()
+            await self._create_scratch(pvc, pod, config.get("status", {}))
+        waiting = cs.get("state", {}).get("waiting", {})
+        if waiting.get("reason") == "CreateContainerConfigError":
+            await self._set_status(dv, phase="ImportScheduled", bound=bound_cond,
+                                   running=("False", waiting["reason"], waiting.get("message", "")),
+                                   warn=waiting.get("message"))
+            return None
+        scheduled = {c.get("type"): c for c in status.get("conditions", [])}.get("PodScheduled")
+        if scheduled is not None and scheduled.get("status") == "False":
+            await self._set_status(dv, phase="ImportScheduled", bound=bound_cond, running=(
+                "False", "Unschedulable", "Importer pod cannot be scheduled"))
+            return None
         if str(restarts) != pvc["metadata"].get("annotations", {}).get(POD_RESTARTS, "0"):
             await self._annotate_claim(pvc, {POD_RESTARTS: str(restarts)})
         last = cs.get("lastState", {}).get("terminated")
@@ -236,7 +281,7 @@ class DataVolumeController:
         except api_errors.APIError as e:
             await self._set_status(dv, phase="Pending", bound=("False", "ErrClaimNotValid",
                                                                e.message), warn=e.message)
-            return
+            raise TemporaryError(e.message, delay=10.0) from e  # a profile may appear
         preallocation = spec.get("preallocation")
         if preallocation is None:
             preallocation = bool(config.get("status", {}).get("preallocation", False))
@@ -249,8 +294,10 @@ class DataVolumeController:
         http = spec["source"].get("http")
         if http:
             annotations[A + "storage.import.endpoint"] = http["url"]
-        annotations.update({k: v for k, v in meta.get("annotations", {}).items()
-                            if k.startswith(A) or k in importpod.POD_ANNOTATIONS})
+        # The DataVolume's own annotations pass on, but never over the controller's.
+        passed = {k: v for k, v in meta.get("annotations", {}).items()
+                  if k.startswith(A) or k in importpod.POD_ANNOTATIONS}
+        annotations = {**passed, **annotations}
         pvc: Obj = {
             "apiVersion": "v1", "kind": "PersistentVolumeClaim",
             "metadata": {
@@ -293,8 +340,6 @@ class DataVolumeController:
             return
         if scratch:
             await self._create_scratch(pvc, created, status)
-        await events.emit(self._store, dv, reason="ImportScheduled",
-                          message=f"Import into {pvc['metadata']['name']} scheduled")
 
     async def _create_scratch(self, pvc: Obj, pod: Obj, config_status: dict[str, Any]) -> None:
         meta = pvc["metadata"]
@@ -352,10 +397,12 @@ class DataVolumeController:
                           bound: tuple[str, str, str] | None = None,
                           running: tuple[str, str, str] | None = None,
                           restarts: int | None = None, claim: str | None = None,
-                          warn: str | None = None,
+                          warn: str | None = None, warn_reason: str = "Error",
                           transfer: dict[str, Any] | None = None) -> None:
         old = dv.get("status", {}) or {}
         new = copy.deepcopy(old)
+        if _RANK.get(phase, 9) < _RANK.get(old.get("phase", ""), 0):
+            phase = old["phase"]  # never backwards while importing
         new["phase"] = phase
         new["claimName"] = claim or old.get("claimName") or dv["metadata"]["name"]
         if progress is not None:
@@ -375,8 +422,10 @@ class DataVolumeController:
         for ctype, value in (("Bound", bound), ("Ready", ready), ("Running", running)):
             if value is None:
                 if ctype not in conditions:
-                    conditions[ctype] = {"type": ctype, "status": "False", "reason": "",
-                                         "message": ""}
+                    status_, reason, message = NO_PVC if ctype == "Bound" else ("False", "", "")
+                    conditions[ctype] = {"type": ctype, "status": status_, "reason": reason,
+                                         "message": message, "lastTransitionTime": _now(),
+                                         "lastHeartbeatTime": _now()}
                 continue
             status_, reason, message = value
             cur = conditions.get(ctype)
@@ -390,8 +439,15 @@ class DataVolumeController:
         updated = copy.deepcopy(dv)
         updated["status"] = new
         await self._store.replace_status(updated)
-        if old.get("phase") != phase:
-            await events.emit(self._store, dv, reason=phase, message=f"DataVolume phase {phase}")
+        pvc_name = new["claimName"]
+        if old.get("phase") != phase and phase in _PHASE_EVENTS:
+            reason, message = _PHASE_EVENTS[phase]
+            await events.emit(self._store, dv, reason=reason, message=message.format(pvc=pvc_name),
+                              type_="Warning" if phase == "Failed" else "Normal")
+        old_bound = {c["type"]: c for c in old.get("conditions", [])}.get("Bound", {})
+        if bound is not None and bound[1] and old_bound.get("reason") != bound[1] and \
+                bound[0] == "True":
+            await events.emit(self._store, dv, reason=bound[1], message=bound[2])
         old_running = {c["type"]: c for c in old.get("conditions", [])}.get("Running", {})
         if warn and old_running.get("message") != warn:
-            await events.emit(self._store, dv, reason="Error", message=warn, type_="Warning")
+            await events.emit(self._store, dv, reason=warn_reason, message=warn, type_="Warning")

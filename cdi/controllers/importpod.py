@@ -96,6 +96,13 @@ def pod_spec(dv: Obj, pvc: Obj, *, block: bool, overhead: float, preallocation: 
                         "persistentVolumeClaim": {"claimName": scratch_name(name)}})
         container.setdefault("volumeMounts", []).append(
             {"name": "cdi-scratch-vol", "mountPath": "/scratch"})
+    secret_headers = dv["spec"].get("source", {}).get("http", {}).get("secretExtraHeaders", [])
+    for i, secret in enumerate(secret_headers):
+        volumes.append({"name": f"cdi-extra-headers-vol-{i}", "secret": {"secretName": secret}})
+        container.setdefault("volumeMounts", []).append(
+            {"name": f"cdi-extra-headers-vol-{i}", "mountPath": f"/extraheaders/{i}"})
+    if secret_headers:
+        env.append({"name": "IMPORTER_SECRET_EXTRA_HEADERS_DIR", "value": "/extraheaders"})
     cert_cm = dv["spec"].get("source", {}).get("http", {}).get("certConfigMap")
     if cert_cm:
         volumes.append({"name": "cdi-cert-vol", "configMap": {"name": cert_cm}})
@@ -128,8 +135,11 @@ class Outcome:
 
 def outcome(message: str) -> Outcome:
     """What a worker that exited 0 reported (CDI's JSON termination message)."""
+    if not message.strip():
+        # A worker that succeeded always says so; silence means its message was lost.
+        return Outcome("failed", "the importer exited without a termination message")
     try:
-        data = json.loads(message) if message.strip() else {}
+        data = json.loads(message)
     except json.JSONDecodeError:
         return Outcome("failed", message.strip())
     text = str(data.get("message", ""))
@@ -139,6 +149,8 @@ def outcome(message: str) -> Outcome:
         return Outcome("checksum", text)
     if text.startswith("Unable to"):
         return Outcome("failed", text)
+    if not isinstance(data, dict) or "message" not in data:
+        return Outcome("failed", f"the importer's termination message is not CDI's: {message}")
     return Outcome("succeeded", text or "Import Complete",
                    bool(data.get("preallocationApplied")))
 

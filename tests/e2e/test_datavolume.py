@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import threading
@@ -204,4 +205,30 @@ def test_watch_sees_every_phase(server: Server, http_server: FileServer, qcow2: 
     assert server.create(http_dv("watched", http_server.url("disk.qcow2"))).status_code == 201
     t.join(timeout=90)
     assert phases[0] == "Pending" and phases[-1] == "Succeeded"
-    assert "ImportScheduled" in phases
+    assert "PVCBound" in phases and "ImportScheduled" in phases
+    order = ["Pending", "PVCBound", "ImportScheduled", "ImportInProgress", "Succeeded"]
+    assert [order.index(p) for p in phases] == sorted(order.index(p) for p in phases), phases
+
+
+def test_secrets_for_auth_and_headers(server: Server, http_server: FileServer,
+                                      qcow2: Path) -> None:
+    http_server.configure("disk.raw", auth=("alice", "s3cret"))
+    dv = http_dv("private", http_server.url("disk.raw"))
+    dv["spec"]["source"]["http"].update({"secretRef": "creds",
+                                         "secretExtraHeaders": ["tenant-header"]})
+    assert server.create(dv).status_code == 201
+    waiting = server.wait_for("dv", "private", lambda o: condition(o, "Running").get("reason")
+                              == "CreateContainerConfigError")
+    assert condition(waiting, "Running")["message"] == 'secret "creds" not found'
+    for name, data in (("creds", {"accessKeyId": "alice", "secretKey": "s3cret"}),
+                       ("tenant-header", {"header": "X-Tenant: blue"})):
+        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+                  "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+        assert server.create(secret).status_code == 201
+    server.wait_for("dv", "private", lambda o: phase(o) == "Succeeded")
+    assert qemu_img.compare(str(qcow2), str(volume_of(server, "private")))
+    gets = [r for r in http_server.requests_for("disk.raw", "GET") if r.status == 200]
+    assert gets and all(r.headers.get("x-tenant") == "blue" for r in gets)
+    # The secret never shows in the pod spec, the claim or the DataVolume.
+    for kind in ("dv", "pvc"):
+        assert "s3cret" not in json.dumps(server.get(kind, "private"))

@@ -193,7 +193,10 @@ class PodRunner:
         d = self.pod_dir(ns, meta["name"])
         d.mkdir(parents=True, exist_ok=True)
         container = pod["spec"]["containers"][0]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("IMPORTER_")}
+        # Like a container, a worker does not inherit cdi serve's proxy settings or
+        # importer variables: only what its pod spec says.
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("IMPORTER_") and k.lower() not in _PROXY_VARIABLES}
         for e in container.get("env", []):
             env[e["name"]] = await self._env_value(ns, e)
         env.update({
@@ -207,6 +210,14 @@ class PodRunner:
         for v in pod["spec"].get("volumes", []):
             if "configMap" in v:
                 await self._materialize_config_map(ns, v["configMap"]["name"], d / v["name"])
+        secrets = {v["name"]: v["secret"]["secretName"]
+                   for v in pod["spec"].get("volumes", []) if "secret" in v}
+        for m in container.get("volumeMounts", []):
+            if m["name"] in secrets and m["mountPath"].startswith("/extraheaders/"):
+                # Secret extra headers: /extraheaders/<i> in the pod, a private dir here.
+                target = d / "extraheaders" / Path(m["mountPath"]).name
+                await self._materialize_secret(ns, secrets[m["name"]], target)
+                env["IMPORTER_SECRET_EXTRA_HEADERS_DIR"] = str(d / "extraheaders")
         config_dirs = {v["name"]: d / v["name"] for v in pod["spec"].get("volumes", [])
                        if "configMap" in v}
         for m in container.get("volumeMounts", []):
@@ -251,6 +262,21 @@ class PodRunner:
             if "/" in key or key.startswith("."):
                 continue
             (target / key).write_text(str(value))
+
+    async def _materialize_secret(self, namespace: str, name: str, target: Path) -> None:
+        try:
+            secret = await self._store.get("Secret", name, namespace)
+        except errors.NotFound:
+            raise _ConfigMissing(f'secret "{name}" not found') from None
+        target.mkdir(parents=True, exist_ok=True)
+        target.chmod(0o700)
+        for key, value in secret.get("data", {}).items():
+            if "/" in key or key.startswith("."):
+                continue
+            path = target / key
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(base64.b64decode(value))
 
     async def _wait_bound(self, namespace: str, claim: str, pod: Obj) -> str:
         """Schedule the pod: mark WaitForFirstConsumer claims, wait until bound."""
@@ -311,6 +337,9 @@ class PodRunner:
             raise
         term = d / "termination-log"
         message = term.read_text() if term.exists() else ""
+        if rc != 0 and not message.strip() and \
+                container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            message = _log_tail(d / "log")
         log.info("POD %s/%s exited rc=%d", meta["namespace"], meta["name"], rc)
         return rc, message
 
@@ -335,6 +364,21 @@ class PodRunner:
         if annotations:
             patch["metadata"] = {"annotations": annotations}
         await self._store.patch("Pod", meta["name"], meta["namespace"], patch)
+
+
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
+LOG_TAIL = 2048  # bytes of log used as the message of a failure that wrote none
+
+
+def _log_tail(path: Path) -> str:
+    """The end of a worker's log, as Kubernetes' FallbackToLogsOnError uses it."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - LOG_TAIL))
+            lines = f.read().decode(errors="replace").splitlines()[-80:]
+    except OSError:
+        return ""
+    return "\n".join(lines).strip()
 
 
 class _ConfigMissing(Exception):
