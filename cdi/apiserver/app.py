@@ -34,19 +34,22 @@ OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
 
 
 def create_app(store: ObjectStore, *, token: str, admit: Admit | None = None,
-               pod_logs: PodLogs | None = None) -> web.Application:
+               pod_logs: PodLogs | None = None,
+               creators: dict[str, routes.Creator] | None = None) -> web.Application:
     """The API server app over STORE.
 
     TOKEN is the bearer token every request but ``GET /healthz`` must carry.
     ADMIT, if given, is called as ``admit(new, old)`` before an object is
     created (``old`` None), replaced or patched; it may raise ``Invalid``.
     POD_LOGS maps ``(namespace, pod name)`` to the pod's log file for
-    ``GET .../pods/{name}/log``.
+    ``GET .../pods/{name}/log``.  CREATORS answers creates of kinds that are
+    not stored (``UploadTokenRequest``: the answer carries the token).
     """
     app = web.Application(middlewares=[error_middleware, auth.middleware(token)])
     app[routes.STORE] = store
     app[routes.ADMIT] = admit
     app[routes.POD_LOGS] = pod_logs
+    app[routes.CREATORS] = creators or {}
     app[routes.WATCHES] = watch.WatchRegistry()
     app[OPENAPI] = openapi.document()
     # on_shutdown, not cleanup_ctx: aiohttp waits for running handlers (up to

@@ -40,11 +40,14 @@ log = logging.getLogger(__name__)
 
 Admit = Callable[[Obj, Obj | None], None]
 PodLogs = Callable[[str, str], Path | None]
+# Kinds whose create is answered, not stored (UploadTokenRequest): kind -> handler.
+Creator = Callable[[Obj], Awaitable[Obj]]
 Handler = Callable[[web.Request, Target], Awaitable[web.StreamResponse]]
 
 STORE: web.AppKey[ObjectStore] = web.AppKey("store")
 ADMIT: web.AppKey[Admit | None] = web.AppKey("admit")
 POD_LOGS: web.AppKey[PodLogs | None] = web.AppKey("pod_logs")
+CREATORS: web.AppKey[dict[str, Creator]] = web.AppKey("creators")
 WATCHES = web.AppKey("watches", watch.WatchRegistry)
 
 PATCH_ATTEMPTS = 5
@@ -98,6 +101,9 @@ async def _create(request: web.Request, t: Target) -> web.StreamResponse:
     obj = await _read_object(request)
     _fit(obj, t)
     _admit(request, obj, None)
+    creator = request.app[CREATORS].get(t.kind.kind)
+    if creator is not None:
+        return web.json_response(await creator(obj), status=201)
     created = await request.app[STORE].create(obj)
     _log_write("CREATE", created)
     return web.json_response(created, status=201)

@@ -27,6 +27,7 @@ COMMANDS = {
     "logs": "cdi.cli.get:logs",
     "describe": "cdi.cli.describe:describe",
     "wait": "cdi.cli.wait:wait",
+    "image-upload": "cdi.cli.upload:image_upload",
 }
 
 

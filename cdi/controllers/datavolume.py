@@ -13,6 +13,7 @@ count and progress.  Import state lives in CDI's annotations on the claim
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import logging
 import time
@@ -38,18 +39,46 @@ IMMEDIATE_BIND = A + "storage.bind.immediate.requested"
 PREALLOCATION_APPLIED = A + "storage.preallocation"
 RUNNING_REASON = A + "storage.condition.running.reason"
 RUNNING_MESSAGE = A + "storage.condition.running.message"
-SUPPORTED = ("http", "blank")
+SUPPORTED = ("http", "blank", "upload")
+UPLOAD_TARGET = A + "storage.upload.target"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Op:
+    """What differs between an import and an upload (CDI's two worker flows)."""
+
+    scheduled: str
+    running: str
+    complete: str
+    pod_prefix: str
+
+    @property
+    def pod_scheduled(self) -> str:
+        return f"{self.scheduled.removesuffix('Scheduled')} pod scheduled"
+
+    def pod_name(self, pvc: str) -> str:
+        return f"{self.pod_prefix}{pvc}"
+
+
+IMPORT = _Op("ImportScheduled", "ImportInProgress", "Import Complete", "importer-")
+UPLOAD = _Op("UploadScheduled", "UploadReady", "Upload Complete", "cdi-upload-")
+
+
+def _op(dv: Obj) -> _Op:
+    return UPLOAD if "upload" in (dv["spec"].get("source") or {}) else IMPORT
 NO_PVC = ("False", "NotFound", "No PVC found")
 # Phases only move forward while an import runs (a second pod for scratch space
 # does not take a DataVolume back to ImportScheduled).
 _RANK = {"": 0, "Pending": 0, "WaitForFirstConsumer": 0, "PVCBound": 1, "ImportScheduled": 2,
-         "ImportInProgress": 3}
+         "ImportInProgress": 3, "UploadScheduled": 2, "UploadReady": 3}
 # Event reason and message for entering a phase, as CDI words them.
 _PHASE_EVENTS = {
     "Pending": ("Pending", "PVC {pvc} Pending"),
     "WaitForFirstConsumer": ("WaitForFirstConsumer", "PVC {pvc} Pending"),
     "ImportScheduled": ("ImportScheduled", "Import into {pvc} scheduled"),
     "ImportInProgress": ("ImportInProgress", "Import into {pvc} in progress"),
+    "UploadScheduled": ("UploadScheduled", "Upload into {pvc} scheduled"),
+    "UploadReady": ("UploadReady", "Upload into {pvc} ready"),
     "Succeeded": ("ImportSucceeded", "Successfully imported into PVC {pvc}"),
     "Failed": ("ImportFailed", "Failed to import into PVC {pvc}"),
     "Unknown": ("Unknown", "PVC {pvc} is in an unknown phase"),
@@ -114,6 +143,7 @@ class DataVolumeController:
 
     async def _reconcile_import(self, dv: Obj, pvc: Obj) -> Result | None:
         ns, name = pvc["metadata"]["namespace"], pvc["metadata"]["name"]
+        op = _op(dv)
         ann = pvc["metadata"].get("annotations", {})
         pvc_phase = pvc.get("status", {}).get("phase", "Pending")
         if pvc_phase == "Lost":
@@ -130,9 +160,9 @@ class DataVolumeController:
                       else ("False", "Pending", f"PVC {name} Pending"))
         restarts = int(ann.get(POD_RESTARTS, "0"))
         if ann.get(POD_PHASE) == "Succeeded":
-            await self._delete("Pod", importpod.pod_name(name), ns)
+            await self._delete("Pod", op.pod_name(name), ns)
             await self._set_status(dv, phase="Succeeded", progress="100.0%", bound=bound_cond,
-                                   running=("False", "Completed", "Import Complete"),
+                                   running=("False", "Completed", op.complete),
                                    restarts=restarts)
             return None
         if ann.get(FATAL) == "true":
@@ -140,7 +170,7 @@ class DataVolumeController:
                                    running=("False", ann.get(RUNNING_REASON, "Error"),
                                             ann.get(RUNNING_MESSAGE, "")))
             return None
-        pod = await self._get("Pod", importpod.pod_name(name), ns)
+        pod = await self._get("Pod", op.pod_name(name), ns)
         if pod is None:
             sc = await self._storage_class(pvc)
             wffc = sc is not None and sc.get("volumeBindingMode") == "WaitForFirstConsumer"
@@ -155,13 +185,13 @@ class DataVolumeController:
                 await self._set_status(dv, phase="PVCBound", bound=bound_cond)
                 return Result(requeue_after=0.01)
             await self._create_pod(dv, pvc, scratch=ann.get(REQUIRES_SCRATCH) == "true")
-            await self._set_status(dv, phase="ImportScheduled", bound=bound_cond,
-                                   running=("False", "Pending", "Import pod scheduled"))
+            await self._set_status(dv, phase=op.scheduled, bound=bound_cond,
+                                   running=("False", "Pending", op.pod_scheduled))
             return None
-        return await self._follow_pod(dv, pvc, pod, bound_cond)
+        return await self._follow_pod(dv, pvc, pod, bound_cond, op)
 
-    async def _follow_pod(self, dv: Obj, pvc: Obj, pod: Obj,
-                          bound_cond: tuple[str, str, str]) -> Result | None:
+    async def _follow_pod(self, dv: Obj, pvc: Obj, pod: Obj, bound_cond: tuple[str, str, str],
+                          op: _Op) -> Result | None:
         ns, name = pvc["metadata"]["namespace"], pvc["metadata"]["name"]
         status = pod.get("status", {})
         statuses = status.get("containerStatuses") or [{}]
@@ -174,15 +204,15 @@ class DataVolumeController:
                 importpod.Outcome("failed", message)
             if result.kind == "scratch":
                 await self._annotate_claim(pvc, {REQUIRES_SCRATCH: "true"})
-                await self._delete("Pod", importpod.pod_name(name), ns)
-                await self._set_status(dv, phase="ImportInProgress", restarts=restarts,
+                await self._delete("Pod", op.pod_name(name), ns)
+                await self._set_status(dv, phase=op.running, restarts=restarts,
                                        bound=("False", "CreatingScratchSpace",
                                               "Creating scratch space"))
                 return None
             if result.kind == "succeeded":
                 await self._annotate_claim(pvc, {
                     POD_PHASE: "Succeeded", POD_RESTARTS: str(restarts),
-                    RUNNING_REASON: "Completed", RUNNING_MESSAGE: "Import Complete",
+                    RUNNING_REASON: "Completed", RUNNING_MESSAGE: op.complete,
                     PREALLOCATION_APPLIED: "true" if result.preallocation_applied else "false",
                 })
                 return Result(requeue_after=0.01)
@@ -193,7 +223,7 @@ class DataVolumeController:
             })
             await events.emit(self._store, dv, reason="ErrImportFailed", message=result.message,
                               type_="Warning")
-            await self._delete("Pod", importpod.pod_name(name), ns)
+            await self._delete("Pod", op.pod_name(name), ns)
             return Result(requeue_after=0.01)
         if any(v.get("name") == "cdi-scratch-vol" for v in pod["spec"].get("volumes", [])) and \
                 await self._get("PersistentVolumeClaim", importpod.scratch_name(name), ns) is None:
@@ -202,32 +232,44 @@ class DataVolumeController:
             await self._create_scratch(pvc, pod, config.get("status", {}))
         waiting = cs.get("state", {}).get("waiting", {})
         if waiting.get("reason") == "CreateContainerConfigError":
-            await self._set_status(dv, phase="ImportScheduled", bound=bound_cond,
+            await self._set_status(dv, phase=op.scheduled, bound=bound_cond,
                                    running=("False", waiting["reason"], waiting.get("message", "")),
                                    warn=waiting.get("message"))
             return None
         scheduled = {c.get("type"): c for c in status.get("conditions", [])}.get("PodScheduled")
         if scheduled is not None and scheduled.get("status") == "False":
-            await self._set_status(dv, phase="ImportScheduled", bound=bound_cond, running=(
+            await self._set_status(dv, phase=op.scheduled, bound=bound_cond, running=(
                 "False", "Unschedulable", "Importer pod cannot be scheduled"))
             return None
         if str(restarts) != pvc["metadata"].get("annotations", {}).get(POD_RESTARTS, "0"):
             await self._annotate_claim(pvc, {POD_RESTARTS: str(restarts)})
         last = cs.get("lastState", {}).get("terminated")
+        if "running" in cs.get("state", {}) and op is UPLOAD:
+            ready = {c.get("type"): c for c in status.get("conditions", [])}.get("Ready", {})
+            if ready.get("status") != "True":
+                await self._set_status(dv, phase=op.scheduled, bound=bound_cond,
+                                       running=("False", "Pending", "Upload pod starting"))
+                return Result(requeue_after=0.2)
+            progress, transfer = await self._progress(dv, pod)
+            await self._set_status(dv, phase=op.running, bound=bound_cond,
+                                   running=("True", "Pod is running", ""), restarts=restarts,
+                                   progress=progress, transfer=transfer)
+            await self._annotate_claim(pvc, {A + "storage.pod.ready": "true"})
+            return Result(requeue_after=PROGRESS_INTERVAL)
         if "running" in cs.get("state", {}):
             progress, transfer = await self._progress(dv, pod)
-            await self._set_status(dv, phase="ImportInProgress", bound=bound_cond,
+            await self._set_status(dv, phase=op.running, bound=bound_cond,
                                    running=("True", "Pod is running", ""), restarts=restarts,
                                    progress=progress, transfer=transfer)
             return Result(requeue_after=PROGRESS_INTERVAL)
         if last is not None:
             message = importpod.running_message(last.get("message", ""))
-            await self._set_status(dv, phase="ImportInProgress", bound=bound_cond,
+            await self._set_status(dv, phase=op.running, bound=bound_cond,
                                    running=("False", "Error", message), restarts=restarts,
                                    warn=message)
             return None
-        await self._set_status(dv, phase="ImportScheduled", bound=bound_cond,
-                               running=("False", "Pending", "Import pod scheduled"))
+        await self._set_status(dv, phase=op.scheduled, bound=bound_cond,
+                               running=("False", "Pending", op.pod_scheduled))
         return None
 
     # -- objects ----------------------------------------------------------------
@@ -287,6 +329,7 @@ class DataVolumeController:
             preallocation = bool(config.get("status", {}).get("preallocation", False))
         annotations = {
             A + "storage.import.source": "none" if "blank" in spec["source"] else "http",
+            **({UPLOAD_TARGET: ""} if "upload" in spec["source"] else {}),
             A + "storage.contentType": spec.get("contentType", "kubevirt") or "kubevirt",
             A + "storage.preallocation.requested": "true" if preallocation else "false",
             A + "createdForDataVolume": meta["uid"],
@@ -325,15 +368,21 @@ class DataVolumeController:
         overhead = 0.0 if block else defaults.filesystem_overhead(
             status, pvc["spec"].get("storageClassName"))
         ann = pvc["metadata"].get("annotations", {})
-        proxy = status.get("importProxy", {}) or {}
-        pod = importpod.pod_spec(
-            dv, pvc, block=block, overhead=overhead,
-            preallocation=ann.get(A + "storage.preallocation.requested") == "true",
-            scratch=scratch,
-            proxy={"http_proxy": proxy.get("HTTPProxy", ""),
-                   "https_proxy": proxy.get("HTTPSProxy", ""),
-                   "no_proxy": proxy.get("noProxy", "")},
-            resources=status.get("defaultPodResourceRequirements", {}))
+        preallocation = ann.get(A + "storage.preallocation.requested") == "true"
+        resources = status.get("defaultPodResourceRequirements", {})
+        if _op(dv) is UPLOAD:
+            pod = importpod.upload_pod_spec(dv, pvc, block=block, overhead=overhead,
+                                            preallocation=preallocation, resources=resources)
+            scratch = True  # uploads always get scratch space, as in CDI
+        else:
+            proxy = status.get("importProxy", {}) or {}
+            pod = importpod.pod_spec(
+                dv, pvc, block=block, overhead=overhead, preallocation=preallocation,
+                scratch=scratch,
+                proxy={"http_proxy": proxy.get("HTTPProxy", ""),
+                       "https_proxy": proxy.get("HTTPSProxy", ""),
+                       "no_proxy": proxy.get("noProxy", "")},
+                resources=resources)
         try:
             created = await self._store.create(pod)
         except api_errors.AlreadyExists:
@@ -413,7 +462,7 @@ class DataVolumeController:
         new.setdefault("restartCount", 0)
         if transfer is not None:
             new["transfer"] = transfer  # beyond CDI: bytes, rate and ETA (docs/control-plane.md)
-        elif phase != "ImportInProgress":
+        elif phase not in ("ImportInProgress", "UploadReady"):
             new.pop("transfer", None)
         conditions = {c["type"]: c for c in new.get("conditions", [])}
         ready = ("True", "", "") if phase == "Succeeded" else ("False", "", "")
@@ -442,6 +491,8 @@ class DataVolumeController:
         pvc_name = new["claimName"]
         if old.get("phase") != phase and phase in _PHASE_EVENTS:
             reason, message = _PHASE_EVENTS[phase]
+            if phase == "Succeeded" and _op(dv) is UPLOAD:
+                reason, message = "UploadSucceeded", "Successfully uploaded into {pvc}"
             await events.emit(self._store, dv, reason=reason, message=message.format(pvc=pvc_name),
                               type_="Warning" if phase == "Failed" else "Normal")
         old_bound = {c["type"]: c for c in old.get("conditions", [])}.get("Bound", {})

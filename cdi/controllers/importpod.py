@@ -67,25 +67,53 @@ def source_env(dv: Obj) -> list[dict[str, Any]]:
 
 def pod_spec(dv: Obj, pvc: Obj, *, block: bool, overhead: float, preallocation: bool,
              scratch: bool, proxy: dict[str, str], resources: dict[str, Any]) -> Obj:
-    meta = pvc["metadata"]
-    name = meta["name"]
     env = source_env(dv) + [
         {"name": "IMPORTER_IMAGE_SIZE",
          "value": str(pvc["spec"]["resources"]["requests"]["storage"])},
+    ] + [{"name": k, "value": v} for k, v in sorted(proxy.items()) if v]
+    return _worker_pod(dv, pvc, name=pod_name(pvc["metadata"]["name"]), command="cdi-importer",
+                       env=env, block=block, overhead=overhead, preallocation=preallocation,
+                       scratch=scratch, resources=resources, component="importer")
+
+
+def upload_pod_spec(dv: Obj, pvc: Obj, *, block: bool, overhead: float, preallocation: bool,
+                    resources: dict[str, Any]) -> Obj:
+    """The upload server pod (``cdi-upload-<claim>``): it listens for one upload."""
+    env = [{"name": "UPLOAD_IMAGE_SIZE",
+            "value": str(pvc["spec"]["resources"]["requests"]["storage"])},
+           {"name": "LISTEN_PORT", "value": "8443"}]
+    pod = _worker_pod(dv, pvc, name=f"cdi-upload-{pvc['metadata']['name']}",
+                      command="cdi-uploadserver", env=env, block=block, overhead=overhead,
+                      preallocation=preallocation, scratch=True, resources=resources,
+                      component="cdi-upload-server")
+    pod["spec"]["containers"][0]["readinessProbe"] = {
+        "httpGet": {"path": "/healthz", "port": 8443, "scheme": "HTTPS"},
+        "initialDelaySeconds": 2, "periodSeconds": 5}
+    pod["metadata"]["labels"]["cdi.kubevirt.io/uploadTarget"] = pvc["metadata"]["uid"]
+    return pod
+
+
+def _worker_pod(dv: Obj, pvc: Obj, *, name: str, command: str, env: list[dict[str, Any]],
+                block: bool, overhead: float, preallocation: bool, scratch: bool,
+                resources: dict[str, Any], component: str) -> Obj:
+    meta = pvc["metadata"]
+    claim = meta["name"]
+    env = [
+        *env,
         {"name": "OWNER_UID", "value": dv["metadata"]["uid"]},
         {"name": "FILESYSTEM_OVERHEAD", "value": "0" if block else f"{overhead:g}"},
         {"name": "PREALLOCATION", "value": "true" if preallocation else "false"},
-    ] + [{"name": k, "value": v} for k, v in sorted(proxy.items()) if v]
+    ]
     container: Obj = {
-        "name": "importer",
-        "image": "cdi-importer",
-        "command": ["cdi-importer"],
+        "name": component,
+        "image": command,
+        "command": [command],
         "env": env,
         "ports": [{"name": "metrics", "containerPort": 8443, "protocol": "TCP"}],
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "resources": resources,
     }
-    volumes: list[Obj] = [{"name": "cdi-data-vol", "persistentVolumeClaim": {"claimName": name}}]
+    volumes: list[Obj] = [{"name": "cdi-data-vol", "persistentVolumeClaim": {"claimName": claim}}]
     if block:
         container["volumeDevices"] = [{"name": "cdi-data-vol",
                                        "devicePath": "/dev/cdi-block-volume"}]
@@ -93,7 +121,7 @@ def pod_spec(dv: Obj, pvc: Obj, *, block: bool, overhead: float, preallocation: 
         container["volumeMounts"] = [{"name": "cdi-data-vol", "mountPath": "/data"}]
     if scratch:
         volumes.append({"name": "cdi-scratch-vol",
-                        "persistentVolumeClaim": {"claimName": scratch_name(name)}})
+                        "persistentVolumeClaim": {"claimName": scratch_name(claim)}})
         container.setdefault("volumeMounts", []).append(
             {"name": "cdi-scratch-vol", "mountPath": "/scratch"})
     secret_headers = dv["spec"].get("source", {}).get("http", {}).get("secretExtraHeaders", [])
@@ -114,12 +142,12 @@ def pod_spec(dv: Obj, pvc: Obj, *, block: bool, overhead: float, preallocation: 
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
-            "name": pod_name(name), "namespace": meta["namespace"],
-            "labels": {"app": "containerized-data-importer", "cdi.kubevirt.io": "importer",
+            "name": name, "namespace": meta["namespace"],
+            "labels": {"app": "containerized-data-importer", "cdi.kubevirt.io": component,
                        "prometheus.cdi.kubevirt.io": "true"},
             "annotations": annotations,
             "ownerReferences": [{"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                                 "name": name, "uid": meta["uid"], "controller": True,
+                                 "name": claim, "uid": meta["uid"], "controller": True,
                                  "blockOwnerDeletion": True}],
         },
         "spec": {"restartPolicy": "OnFailure", "containers": [container], "volumes": volumes},

@@ -42,7 +42,9 @@ MOUNT_ENV = {
     "/proxycerts/": "IMPORTER_PROXY_CERT_DIR",
 }
 DEVICE_ENV = {"/dev/cdi-block-volume": "IMPORTER_BLOCK_PATH"}
-COMMANDS = {"cdi-importer": [sys.executable, "-m", "importer"]}
+COMMANDS = {"cdi-importer": [sys.executable, "-m", "importer"],
+            "cdi-uploadserver": [sys.executable, "-m", "importer.uploadserver"]}
+UPLOAD_ANNOTATION = "embedded.cdi.kubevirt.io/upload-address"
 STOP_GRACE = 10.0
 CONFIG_RETRY = 0.5  # seconds between looks for a missing Secret or ConfigMap
 
@@ -206,6 +208,11 @@ class PodRunner:
             "IMPORTER_BLOCK_PATH": str(d / "no-block-device"),
             "IMPORTER_SCRATCH_DIR": str(d / "no-scratch"),
             "IMPORTER_DATA_DIR": str(d / "no-data"),
+            # An upload server listens on loopback here, where it is reached through
+            # the upload proxy of cdi serve.
+            "LISTEN_ADDRESS": "127.0.0.1",
+            "LISTEN_PORT": "0",
+            "UPLOAD_ADDRESS_FILE": str(d / "upload-address"),
         })
         for v in pod["spec"].get("volumes", []):
             if "configMap" in v:
@@ -302,7 +309,7 @@ class PodRunner:
                         restarts: int) -> tuple[int, str]:
         meta = pod["metadata"]
         d = self.pod_dir(meta["namespace"], meta["name"])
-        for stale in ("termination-log", "metrics-address"):
+        for stale in ("termination-log", "metrics-address", "upload-address"):
             (d / stale).unlink(missing_ok=True)
         with (d / "log").open("ab") as logf:
             proc = await asyncio.create_subprocess_exec(
@@ -310,25 +317,37 @@ class PodRunner:
                 stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
                 start_new_session=True)
         container = pod["spec"]["containers"][0]
+        # With a readiness probe (an upload server) the pod is Ready once it listens.
+        probe = "readinessProbe" in container
         try:
             await self._status(pod, {
                 "phase": "Running", "podIP": "127.0.0.1", "hostIP": "127.0.0.1",
                 "startTime": pod.get("status", {}).get("startTime") or now(),
                 "conditions": [{"type": "PodScheduled", "status": "True"},
-                               {"type": "Ready", "status": "True"}],
+                               {"type": "Ready", "status": "False" if probe else "True"}],
                 "containerStatuses": [{
-                    "name": container["name"], "ready": True, "restartCount": restarts,
+                    "name": container["name"], "ready": not probe, "restartCount": restarts,
                     "state": {"running": {"startedAt": now()}},
                 }],
             }, annotations={PID_ANNOTATION: str(proc.pid)})
             waiter = asyncio.ensure_future(proc.wait())
-            address_file = d / "metrics-address"
-            while not waiter.done():
-                if address_file.exists():
-                    address = address_file.read_text().strip()
+            pending = {"metrics-address": METRICS_ANNOTATION}
+            if probe:
+                pending["upload-address"] = UPLOAD_ANNOTATION
+            while not waiter.done() and pending:
+                for file, annotation in list(pending.items()):
+                    address = _read_address(d / file)
                     if address:
-                        await self._status(pod, None, annotations={METRICS_ANNOTATION: address})
-                        break
+                        del pending[file]
+                        ready: dict[str, Any] | None = None
+                        if annotation == UPLOAD_ANNOTATION:
+                            ready = {"conditions": [{"type": "PodScheduled", "status": "True"},
+                                                    {"type": "Ready", "status": "True"}],
+                                     "containerStatuses": [{
+                                         "name": container["name"], "ready": True,
+                                         "restartCount": restarts,
+                                         "state": {"running": {"startedAt": now()}}}]}
+                        await self._status(pod, ready, annotations={annotation: address})
                 await asyncio.wait({waiter}, timeout=0.05)
             rc = await waiter
         except BaseException:
@@ -379,6 +398,13 @@ def _log_tail(path: Path) -> str:
     except OSError:
         return ""
     return "\n".join(lines).strip()
+
+
+def _read_address(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
 
 
 class _ConfigMissing(Exception):

@@ -1,0 +1,161 @@
+"""``cdi image-upload``: virtctl's image-upload flow against our upload proxy.
+
+Create (or find) the DataVolume or PVC, wait until its upload server is ready,
+get a short-lived token (``UploadTokenRequest``), probe ``upload-async`` with
+HEAD, stream the file to the proxy, and wait until the DataVolume has
+processed it.  Progress goes to stderr as bytes, rate and ETA.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import requests
+
+from cdi.api.kinds import BY_KIND
+from cdi.cli.client import Client, StatusError
+from cdi.cli.options import CommandError, api_command
+from importer import units
+
+CHUNK = 1 << 20
+POLL = 0.5
+
+
+def _datavolume(name: str, namespace: str, size: str, *, storage_class: str | None,
+                access_mode: str | None, volume_mode: str | None,
+                archive: bool) -> dict[str, Any]:
+    storage: dict[str, Any] = {"resources": {"requests": {"storage": size}}}
+    if storage_class:
+        storage["storageClassName"] = storage_class
+    if access_mode:
+        storage["accessModes"] = [access_mode]
+    if volume_mode:
+        storage["volumeMode"] = volume_mode.capitalize()
+    spec: dict[str, Any] = {"source": {"upload": {}}, "storage": storage}
+    if archive:
+        spec["contentType"] = "archive"
+    return {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
+def _wait_phase(client: Client, name: str, namespace: str, wanted: tuple[str, ...],
+                timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        dv = client.get(BY_KIND["DataVolume"], name, namespace)
+        phase = dv.get("status", {}).get("phase", "")
+        if phase in wanted:
+            return dv
+        if phase == "Failed":
+            running = {c["type"]: c for c in dv["status"].get("conditions", [])}.get("Running", {})
+            raise CommandError(f"error: upload failed: {running.get('message', '')}")
+        if time.monotonic() > deadline:
+            raise CommandError(f"error: timed out waiting for DataVolume {namespace}/{name} to "
+                               f"be {' or '.join(wanted)} (it is {phase or 'Pending'})")
+        time.sleep(POLL)
+
+
+def _chunks(path: Path, total: int) -> Iterator[bytes]:
+    sent = 0
+    started = time.monotonic()
+    last = 0.0
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            sent += len(chunk)
+            now = time.monotonic()
+            if now - last >= 1 or sent == total:
+                last = now
+                rate = sent / max(now - started, 1e-6)
+                eta = (total - sent) / rate if rate else 0
+                click.echo(f"  {units.humanize(sent)} / {units.humanize(total)}  "
+                           f"{units.humanize(rate)}/s  ETA {eta:.0f}s", err=True)
+            yield chunk
+
+
+@click.command("image-upload")
+@click.argument("kind", type=click.Choice(["dv", "pvc"]))
+@click.argument("name")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("--image-path", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--archive-path", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--size", default=None, help="Size of the DataVolume (default: the file's size).")
+@click.option("--no-create", is_flag=True, help="Upload into an existing DataVolume.")
+@click.option("--storage-class", default=None)
+@click.option("--access-mode", default=None)
+@click.option("--volume-mode", type=click.Choice(["block", "filesystem"]), default=None)
+@click.option("--uploadproxy-url", default=None, help="Default: CDIConfig status.uploadProxyURL.")
+@click.option("--insecure", is_flag=True, help="Do not verify the upload proxy's certificate.")
+@click.option("--wait-secs", type=int, default=300, show_default=True)
+@click.option("--checksum", default=None, help="<md5|sha1|sha256|sha512>:<hex> of the file.")
+@api_command
+def image_upload(client: Client, kind: str, name: str, namespace: str, image_path: Path | None,
+                 archive_path: Path | None, size: str | None, no_create: bool,
+                 storage_class: str | None, access_mode: str | None, volume_mode: str | None,
+                 uploadproxy_url: str | None, insecure: bool, wait_secs: int,
+                 checksum: str | None) -> None:
+    """Upload a disk image (or an archive) into a DataVolume through the upload proxy."""
+    if kind == "pvc":
+        raise CommandError("error: pvc mode is not supported yet; use dv")
+    path = image_path or archive_path
+    if path is None or (image_path and archive_path):
+        raise CommandError("error: give exactly one of --image-path and --archive-path")
+    total = path.stat().st_size
+    if not no_create:
+        dv = _datavolume(name, namespace, size or str(units.round_up(total, units.MiB)),
+                         storage_class=storage_class, access_mode=access_mode,
+                         volume_mode=volume_mode, archive=archive_path is not None)
+        try:
+            client.create(BY_KIND["DataVolume"], dv)
+        except StatusError as e:
+            if e.code == 409:
+                raise CommandError(f"error: DataVolume {namespace}/{name} already exists "
+                                   "(use --no-create to upload into it)") from e
+            raise
+        click.echo(f"DataVolume {namespace}/{name} created", err=True)
+    _wait_phase(client, name, namespace, ("UploadReady",), wait_secs)
+    utr = client.create(BY_KIND["UploadTokenRequest"], {
+        "apiVersion": "upload.cdi.kubevirt.io/v1beta1", "kind": "UploadTokenRequest",
+        "metadata": {"name": name, "namespace": namespace}, "spec": {"pvcName": name}})
+    token = utr["status"]["token"]
+    config = client.get(BY_KIND["CDIConfig"], "config").get("status", {})
+    url = (uploadproxy_url or config.get("uploadProxyURL") or "").rstrip("/")
+    if not url:
+        raise CommandError("error: no upload proxy URL: pass --uploadproxy-url")
+    verify: bool | str = not insecure
+    ca_file = None
+    if not insecure and config.get("uploadProxyCA"):
+        fd, ca_file = tempfile.mkstemp(prefix="cdi-uploadproxy-ca-", suffix=".pem")
+        with os.fdopen(fd, "w") as f:
+            f.write(config["uploadProxyCA"])
+        verify = ca_file
+    endpoint = "upload-archive-async" if archive_path else "upload-async"
+    headers = {"Authorization": f"Bearer {token}", "Content-Length": str(total),
+               "Content-Type": "application/octet-stream"}
+    if checksum:
+        headers["X-Checksum"] = checksum
+    try:
+        with requests.Session() as session:
+            probe = session.head(f"{url}/v1beta1/upload-async", headers=headers, verify=verify,
+                                 timeout=30)
+            if probe.status_code != 200:
+                raise CommandError(f"error: the upload proxy answered {probe.status_code} to the "
+                                   f"probe: {probe.text.strip()}")
+            click.echo(f"Uploading {path} ({units.humanize(total)}) to {url}", err=True)
+            r = session.post(f"{url}/v1beta1/{endpoint}", data=_chunks(path, total),
+                             headers=headers, verify=verify, timeout=(30, None))
+            if r.status_code != 200:
+                raise CommandError(f"error: upload failed ({r.status_code}): {r.text.strip()}")
+    except requests.RequestException as e:
+        raise CommandError(f"error: upload failed: {e}") from e
+    finally:
+        if ca_file:
+            Path(ca_file).unlink(missing_ok=True)
+    click.echo("Upload sent; waiting for the DataVolume to process it", err=True)
+    _wait_phase(client, name, namespace, ("Succeeded",), wait_secs)
+    click.echo(f"DataVolume {namespace}/{name} Succeeded")
