@@ -31,6 +31,7 @@ import binascii
 import json
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -178,17 +179,18 @@ class Claims:
 def generate_key(path: Path) -> None:
     """Create an RSA 2048 private key in PEM at ``path`` (mode 0600); no-op if it exists.
 
-    The key is written to a temporary file opened with ``O_EXCL`` and linked to
-    ``path`` once complete, so a concurrent reader never sees half a key and two
-    concurrent callers end up with one key.
+    The key is written to a temporary file (``O_EXCL``, 0600) and hard-linked to
+    ``path`` once complete (``link`` fails if ``path`` exists), so a concurrent
+    reader never sees half a key and concurrent callers end up with one key.
     """
     if path.exists():
         return
     key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_SIZE)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    # mkstemp opens with O_CREAT | O_EXCL and mode 0600, under a unique name.
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o600)

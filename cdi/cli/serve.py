@@ -19,19 +19,23 @@ import secrets
 import signal
 import ssl
 from pathlib import Path
+from typing import Any
 
 import click
 from aiohttp import web
 
-from cdi.api import validation
+from cdi.api import errors as api_errors
+from cdi.api import tokens, validation
 from cdi.apiserver.app import create_app
-from cdi.backends.embedded import storage
+from cdi.backends.embedded import certs, storage
 from cdi.backends.embedded.podrunner import PodRunner
 from cdi.backends.embedded.store import SQLiteStore
+from cdi.backends.embedded.uploads import EmbeddedResolver
 from cdi.cli import config
 from cdi.controllers.datavolume import DataVolumeController
 from cdi.controllers.runtime import Runtime, run_guarded
 from cdi.controllers.storageprofile import CDIConfigController, StorageProfileController
+from uploadproxy.app import create_app as create_upload_proxy
 
 log = logging.getLogger("cdi.serve")
 
@@ -55,7 +59,8 @@ def api_token(data_dir: Path) -> tuple[str, Path]:
 
 
 async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | None,
-                restart_backoff: float, max_workers: int | None) -> None:
+                restart_backoff: float, max_workers: int | None,
+                upload_proxy_port: int = 0) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o700)
     token, token_file = api_token(data_dir)
@@ -63,7 +68,25 @@ async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | N
     await store.open()
     volumes = storage.Volumes(data_dir)
     await storage.ensure_classes(store, storage.load_classes(data_dir))
-    cdiconfig = CDIConfigController(store)
+    # The upload proxy: HTTPS with our own CA, tokens signed with our own key.
+    key_file = data_dir / "upload-token.key"
+    tokens.generate_key(key_file)
+    token_key = tokens.load_key(key_file)
+    ca_cert, proxy_cert, proxy_key = certs.ensure(data_dir / "uploadproxy")
+    proxy_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    proxy_tls.minimum_version = ssl.TLSVersion.TLSv1_2
+    proxy_tls.load_cert_chain(str(proxy_cert), str(proxy_key))
+    proxy_runner = web.AppRunner(create_upload_proxy(public_key=token_key.public_key(),
+                                                     resolver=EmbeddedResolver(store)),
+                                 access_log=None)
+    await proxy_runner.setup()
+    proxy_site = web.TCPSite(proxy_runner, host, upload_proxy_port, ssl_context=proxy_tls)
+    await proxy_site.start()
+    proxy_url = f"https://{host if ':' not in host else f'[{host}]'}:" \
+                f"{proxy_runner.addresses[0][1]}"
+
+    cdiconfig = CDIConfigController(store, upload_proxy_url=proxy_url,
+                                    upload_proxy_ca=ca_cert.read_text())
     await cdiconfig.ensure()
     runner = PodRunner(store, data_dir=data_dir, volumes=volumes, backoff_base=restart_backoff,
                        max_running=max_workers)
@@ -73,7 +96,17 @@ async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | N
     for controller in (datavolumes, StorageProfileController(store), cdiconfig):
         runtime.add(controller)
 
-    app = create_app(store, token=token, admit=validation.validate, pod_logs=runner.log_path)
+    async def upload_token(obj: dict[str, Any]) -> dict[str, Any]:
+        ns = obj["metadata"].get("namespace", "default")
+        pvc = (obj.get("spec") or {}).get("pvcName") or ""
+        if not pvc:
+            raise api_errors.Invalid("spec.pvcName: Required value")
+        answer = dict(obj)
+        answer["status"] = {"token": tokens.issue(token_key, namespace=ns, name=pvc)}
+        return answer
+
+    app = create_app(store, token=token, admit=validation.validate, pod_logs=runner.log_path,
+                     creators={"UploadTokenRequest": upload_token})
     web_runner = web.AppRunner(app, access_log=None)
     await web_runner.setup()
     site = web.TCPSite(web_runner, host, port, ssl_context=tls)
@@ -102,6 +135,7 @@ async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | N
         await asyncio.gather(*tasks, return_exceptions=True)
         await datavolumes.close()
         await web_runner.cleanup()
+        await proxy_runner.cleanup()
         await store.close()
 
 
@@ -135,12 +169,14 @@ def _is_loopback(host: str) -> bool:
 @click.option("--tls-key", type=click.Path(path_type=Path, exists=True), default=None)
 @click.option("--restart-backoff", type=float, default=10.0, show_default=True,
               help="Seconds before a failed worker's first restart (doubles, max 300).")
+@click.option("--upload-proxy-port", type=int, default=0, show_default=True,
+              help="Port of the upload proxy (HTTPS, same host as --address; 0 picks one).")
 @click.option("--max-workers", type=int, default=None,
               help="Workers running at once (default: twice the CPUs, at least 4).")
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 def serve_command(data_dir: Path | None, address: str, tls_cert: Path | None,
-                  tls_key: Path | None, restart_backoff: float, max_workers: int | None,
-                  verbose: bool) -> None:
+                  tls_key: Path | None, restart_backoff: float, upload_proxy_port: int,
+                  max_workers: int | None, verbose: bool) -> None:
     """Run the embedded control plane: REST API, controllers, volumes and workers."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -148,4 +184,5 @@ def serve_command(data_dir: Path | None, address: str, tls_cert: Path | None,
     host = host.strip("[]") or "127.0.0.1"
     tls = _tls(host, tls_cert, tls_key)
     asyncio.run(serve(data_dir or default_data_dir(), host, int(port or 0), tls=tls,
-                      restart_backoff=restart_backoff, max_workers=max_workers))
+                      restart_backoff=restart_backoff, max_workers=max_workers,
+                      upload_proxy_port=upload_proxy_port))

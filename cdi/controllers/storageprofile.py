@@ -95,9 +95,11 @@ class CDIConfigController:
     name = "cdiconfig"
     kind = "CDIConfig"
 
-    def __init__(self, store: ObjectStore, *, upload_proxy_url: str = "") -> None:
+    def __init__(self, store: ObjectStore, *, upload_proxy_url: str = "",
+                 upload_proxy_ca: str = "") -> None:
         self._store = store
         self._upload_proxy_url = upload_proxy_url
+        self._upload_proxy_ca = upload_proxy_ca
 
     def watches(self) -> dict[str, Mapper]:
         return {"StorageClass": lambda _sc: [("", "config")]}
@@ -137,6 +139,8 @@ class CDIConfigController:
             "preallocation": bool(spec.get("preallocation", False)),
             "uploadProxyURL": spec.get("uploadProxyURLOverride") or self._upload_proxy_url,
         }
+        if self._upload_proxy_ca:
+            status["uploadProxyCA"] = self._upload_proxy_ca
         if spec.get("importProxy"):
             status["importProxy"] = spec["importProxy"]
         if config.get("status") != status:

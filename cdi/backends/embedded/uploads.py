@@ -1,0 +1,42 @@
+"""Where an upload goes in ``cdi serve``: the proxy's Resolver over the object store.
+
+An upload target claim carries ``cdi.kubevirt.io/storage.upload.target``; its
+upload server is the worker of pod ``cdi-upload-<claim>``, which listens on a
+loopback port the pod runner publishes in an annotation once it is ready.
+"""
+
+from __future__ import annotations
+
+from cdi.api import errors
+from cdi.backends.embedded.podrunner import UPLOAD_ANNOTATION
+from cdi.backends.port import ObjectStore
+from uploadproxy.resolver import NotReadyYet, NotUploadTarget, UploadTarget
+
+UPLOAD_TARGET = "cdi.kubevirt.io/storage.upload.target"
+POD_PHASE = "cdi.kubevirt.io/storage.pod.phase"
+CONTENT_TYPE = "cdi.kubevirt.io/storage.contentType"
+
+
+class EmbeddedResolver:
+    def __init__(self, store: ObjectStore) -> None:
+        self._store = store
+
+    async def upload_server(self, namespace: str, pvc: str) -> UploadTarget | None:
+        try:
+            claim = await self._store.get("PersistentVolumeClaim", pvc, namespace)
+        except errors.NotFound:
+            raise NotUploadTarget(f"PVC {pvc} not found") from None
+        annotations = claim["metadata"].get("annotations", {})
+        if UPLOAD_TARGET not in annotations:
+            raise NotUploadTarget(f"PVC {pvc} is not an upload target")
+        if annotations.get(POD_PHASE) == "Succeeded":
+            raise NotUploadTarget(f"PVC {pvc} upload is already complete")
+        try:
+            pod = await self._store.get("Pod", f"cdi-upload-{pvc}", namespace)
+        except errors.NotFound:
+            raise NotReadyYet("the upload server pod does not exist yet") from None
+        address = pod["metadata"].get("annotations", {}).get(UPLOAD_ANNOTATION)
+        if not address or pod.get("status", {}).get("phase") != "Running":
+            raise NotReadyYet("the upload server is starting")
+        return UploadTarget(url=f"http://{address}",
+                            content_type=annotations.get(CONTENT_TYPE, "kubevirt") or "kubevirt")

@@ -1,0 +1,66 @@
+"""The port through which the proxy finds a PVC's upload server.
+
+The proxy knows tokens and HTTP, not where upload servers run: on Kubernetes
+that is a Service in the PVC's namespace, in ``cdi serve`` a worker subprocess
+on a local port.  Each backend implements :class:`Resolver`; the proxy polls it
+until the server is ready (see ``routing.wait_ready``).  This module imports
+nothing from the control plane, so a backend can implement the protocol
+without the proxy depending on it.
+
+A resolver answers one of four ways:
+
+- an :class:`UploadTarget`: the upload server is ready, here is its base URL;
+- ``None`` or :class:`NotReadyYet`: not ready yet (pod starting, not ready),
+  ask again; ``NotReadyYet`` carries a reason the proxy reports if the wait
+  times out;
+- :class:`NotUploadTarget`: the PVC does not exist, is not an upload target or
+  has already finished uploading; waiting will not help, the proxy answers at
+  once with the reason (CDI's texts, e.g. "PVC x is not an upload target").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["ARCHIVE", "KUBEVIRT", "NotReadyYet", "NotUploadTarget", "Resolver", "UploadTarget"]
+
+KUBEVIRT = "kubevirt"
+ARCHIVE = "archive"
+
+
+@dataclass(frozen=True)
+class UploadTarget:
+    """A ready upload server.
+
+    ``url`` is the base URL without a path, ``https://10.0.0.7:8443`` on a
+    cluster or ``http://127.0.0.1:40123`` in embedded mode.  ``content_type`` is
+    the PVC's ``cdi.kubevirt.io/storage.contentType`` (``kubevirt``, ``""`` or
+    ``archive``): the proxy sends archive uploads to the archive endpoints.
+    """
+
+    url: str
+    content_type: str = KUBEVIRT
+
+
+class NotUploadTarget(Exception):
+    """The PVC cannot take an upload, now or later; ``reason`` is shown to the client."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class NotReadyYet(Exception):
+    """The upload server is not ready yet; ``reason`` says what it waits for."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Resolver(Protocol):
+    """Finds the upload server of a PVC (see the module docstring for the answers)."""
+
+    async def upload_server(self, namespace: str, pvc: str) -> UploadTarget | None:
+        ...
