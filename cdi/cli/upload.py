@@ -61,21 +61,32 @@ def _wait_phase(client: Client, name: str, namespace: str, wanted: tuple[str, ..
         time.sleep(POLL)
 
 
-def _chunks(path: Path, total: int) -> Iterator[bytes]:
-    sent = 0
-    started = time.monotonic()
-    last = 0.0
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            sent += len(chunk)
-            now = time.monotonic()
-            if now - last >= 1 or sent == total:
-                last = now
-                rate = sent / max(now - started, 1e-6)
-                eta = (total - sent) / rate if rate else 0
-                click.echo(f"  {units.humanize(sent)} / {units.humanize(total)}  "
-                           f"{units.humanize(rate)}/s  ETA {eta:.0f}s", err=True)
-            yield chunk
+class _Body:
+    """The file as an iterable of chunks with a length (so requests sends a
+    Content-Length, not chunked encoding), printing progress as it goes."""
+
+    def __init__(self, path: Path, total: int) -> None:
+        self._path = path
+        self._total = total
+
+    def __len__(self) -> int:
+        return self._total
+
+    def __iter__(self) -> Iterator[bytes]:
+        sent = 0
+        started = time.monotonic()
+        last = 0.0
+        with self._path.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                sent += len(chunk)
+                now = time.monotonic()
+                if now - last >= 1 or sent == self._total:
+                    last = now
+                    rate = sent / max(now - started, 1e-6)
+                    eta = (self._total - sent) / rate if rate else 0
+                    click.echo(f"  {units.humanize(sent)} / {units.humanize(self._total)}  "
+                               f"{units.humanize(rate)}/s  ETA {eta:.0f}s", err=True)
+                yield chunk
 
 
 @click.command("image-upload")
@@ -135,19 +146,18 @@ def image_upload(client: Client, kind: str, name: str, namespace: str, image_pat
             f.write(config["uploadProxyCA"])
         verify = ca_file
     endpoint = "upload-archive-async" if archive_path else "upload-async"
-    headers = {"Authorization": f"Bearer {token}", "Content-Length": str(total),
-               "Content-Type": "application/octet-stream"}
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
     if checksum:
         headers["X-Checksum"] = checksum
     try:
         with requests.Session() as session:
-            probe = session.head(f"{url}/v1beta1/upload-async", headers=headers, verify=verify,
-                                 timeout=30)
+            probe = session.head(f"{url}/v1beta1/upload-async", verify=verify, timeout=30,
+                                 headers={"Authorization": headers["Authorization"]})
             if probe.status_code != 200:
                 raise CommandError(f"error: the upload proxy answered {probe.status_code} to the "
                                    f"probe: {probe.text.strip()}")
             click.echo(f"Uploading {path} ({units.humanize(total)}) to {url}", err=True)
-            r = session.post(f"{url}/v1beta1/{endpoint}", data=_chunks(path, total),
+            r = session.post(f"{url}/v1beta1/{endpoint}", data=_Body(path, total),
                              headers=headers, verify=verify, timeout=(30, None))
             if r.status_code != 200:
                 raise CommandError(f"error: upload failed ({r.status_code}): {r.text.strip()}")
