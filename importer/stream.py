@@ -10,18 +10,24 @@ import hashlib
 import io
 import queue
 import threading
+from typing import Protocol
 
 from importer import errors, units
 from importer.formats import Reader
 from importer.settings import Checksum
-from importer.target import Writer
 
 BUFFER_SIZE = 4 * units.MiB
 BUFFERS = 3  # in flight between the reading and the writing thread
 READER_JOIN_TIMEOUT = 5.0
 
 
-def copy(src: Reader, dst: Writer, *, total: int | None = None) -> int:
+class Sink(Protocol):
+    """Where copy writes: a ``target.Writer``, or a wrapper around one."""
+
+    def write(self, buf: bytearray, length: int, *, total: int | None = None) -> None: ...
+
+
+def copy(src: Reader, dst: Sink, *, total: int | None = None) -> int:
     """Copy SRC to DST until EOF; returns the bytes copied.
 
     A reader thread fills buffers (network reads and decompression release the

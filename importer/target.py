@@ -87,9 +87,9 @@ class Target:
         capacity = space.usable(settings.filesystem_overhead, available)
         return cls(settings.target_file, is_block=False, capacity=capacity)
 
-    def open_writer(self, *, preallocate: bool = False) -> Writer:
+    def open_writer(self, *, preallocate: bool = False, offset: int = 0) -> Writer:
         return Writer.open(self.path, block=self.is_block, capacity=self.capacity,
-                           preallocate=preallocate)
+                           preallocate=preallocate, offset=offset)
 
     def remove(self) -> None:
         """Throw away what an import wrote (failure or checksum mismatch)."""
@@ -164,13 +164,32 @@ class Writer:
         self._writeback_done = 0  # offsets below this are on disk and out of the cache
 
     @classmethod
-    def open(cls, path: Path, *, block: bool, capacity: int, preallocate: bool) -> Writer:
+    def open(cls, path: Path, *, block: bool, capacity: int, preallocate: bool,
+             offset: int = 0) -> Writer:
+        """Open for writing from byte 0, or continue at OFFSET (a resumed upload).
+
+        Continuing drops whatever lies at or past OFFSET (truncated, or discarded on
+        a block volume), so data written after the last durable point cannot survive
+        under a run of zeros the writer skips.
+        """
         if block:
             fd = os.open(path, os.O_WRONLY)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o660)
-        return cls(fd, path, block=block, capacity=capacity, preallocate=preallocate)
+            flags = os.O_WRONLY | os.O_CREAT | (0 if offset else os.O_TRUNC)
+            fd = os.open(path, flags, 0o660)
+        w = cls(fd, path, block=block, capacity=capacity, preallocate=preallocate)
+        if offset:
+            try:
+                if block:
+                    zero_range(fd, offset, capacity - offset, allocate=False)
+                else:
+                    os.ftruncate(fd, offset)
+            except BaseException:
+                w.close()
+                raise
+            w.offset = w._hole_start = w._writeback_started = w._writeback_done = offset
+        return w
 
     def write(self, buf: bytearray, length: int, *, total: int | None = None) -> None:
         """Write buf[:length] at the current offset, leaving zero segments unwritten."""
@@ -232,6 +251,12 @@ class Writer:
         self.offset += done
         self.data_bytes += done
         self._hole_start = self.offset
+
+    def sync(self) -> int:
+        """Make every byte below the current offset durable; returns that offset."""
+        self._flush_hole()
+        os.fsync(self._fd)
+        return self.offset
 
     def reset(self) -> None:
         """Begin again at byte 0 (the source restarted from the beginning)."""

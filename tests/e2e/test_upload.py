@@ -1,0 +1,94 @@
+"""Uploads end to end: `cdi image-upload` and a plain HTTP client through the proxy."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from importer import qemu_img
+from tests.e2e.conftest import Server, condition, phase
+from tests.e2e.test_datavolume import volume_of
+from tests.support import images
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def raw(tmp_path: Path) -> Path:
+    return images.make_raw(tmp_path / "disk.raw", virtual_size=48 * MiB,
+                           extents=[(0, MiB), (30 * MiB, 2 * MiB)])
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", "qcow2.xz"])
+def test_image_upload(server: Server, raw: Path, tmp_path: Path, fmt: str) -> None:
+    path = raw
+    if fmt.startswith("qcow2"):
+        path = images.convert(raw, tmp_path / "disk.qcow2", "qcow2")
+    if fmt.endswith(".xz"):
+        path = images.compress(path, "xz")
+    name = f"up-{fmt.replace('.', '-')}"
+    p = server.cli("image-upload", "dv", name, "--image-path", str(path), "--size", "64Mi")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"DataVolume default/{name} Succeeded"
+    dv = server.get("dv", name)
+    assert phase(dv) == "Succeeded"
+    assert (condition(dv, "Running")["reason"], condition(dv, "Running")["message"]) == (
+        "Completed", "Upload Complete")
+    assert qemu_img.compare(str(raw), str(volume_of(server, name)))
+
+
+def _proxy(server: Server) -> tuple[str, str]:
+    status = server.get("cdiconfig", "config", namespace="")["status"]
+    ca = Path(tempfile.mkdtemp()) / "ca.pem"
+    ca.write_text(status["uploadProxyCA"])
+    return status["uploadProxyURL"], str(ca)
+
+
+def _token(server: Server, pvc: str) -> str:
+    r = server.create({"apiVersion": "upload.cdi.kubevirt.io/v1beta1",
+                       "kind": "UploadTokenRequest", "metadata": {"name": pvc},
+                       "spec": {"pvcName": pvc}})
+    assert r.status_code == 201, r.text
+    token: str = r.json()["status"]["token"]
+    return token
+
+
+def test_plain_client_like_virtctl(server: Server, raw: Path) -> None:
+    dv: dict[str, Any] = {
+        "apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+        "metadata": {"name": "plain"},
+        "spec": {"source": {"upload": {}},
+                 "storage": {"resources": {"requests": {"storage": "64Mi"}}}}}
+    assert server.create(dv).status_code == 201
+    server.wait_for("dv", "plain", lambda o: phase(o) == "UploadReady")
+    url, ca = _proxy(server)
+    with requests.Session() as s:
+        r = s.post(f"{url}/v1beta1/upload", data=raw.read_bytes(), verify=ca, timeout=60)
+        assert (r.status_code, r.headers["Access-Control-Allow-Origin"]) == (400, "*")
+        r = s.post(f"{url}/v1beta1/upload", data=b"x", verify=ca, timeout=60,
+                   headers={"Authorization": "Bearer not-a-token"})
+        assert r.status_code == 401
+        with raw.open("rb") as f:
+            r = s.post(f"{url}/v1beta1/upload", data=f, verify=ca, timeout=120,
+                       headers={"Authorization": f"Bearer {_token(server, 'plain')}"})
+        assert r.status_code == 200, r.text
+    server.wait_for("dv", "plain", lambda o: phase(o) == "Succeeded")
+    assert qemu_img.compare(str(raw), str(volume_of(server, "plain")))
+
+
+def test_not_an_upload_target(server: Server) -> None:
+    dv = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+          "metadata": {"name": "blank"},
+          "spec": {"source": {"blank": {}},
+                   "storage": {"resources": {"requests": {"storage": "8Mi"}}}}}
+    assert server.create(dv).status_code == 201
+    server.wait_for("dv", "blank", lambda o: phase(o) == "Succeeded")
+    url, ca = _proxy(server)
+    r = requests.post(f"{url}/v1beta1/upload", data=b"x", verify=ca, timeout=30,
+                      headers={"Authorization": f"Bearer {_token(server, 'blank')}"})
+    assert r.status_code in (400, 503)
+    assert "not an upload target" in r.text
