@@ -65,28 +65,88 @@ class _Body:
     """The file as an iterable of chunks with a length (so requests sends a
     Content-Length, not chunked encoding), printing progress as it goes."""
 
-    def __init__(self, path: Path, total: int) -> None:
+    def __init__(self, path: Path, total: int, start: int = 0) -> None:
         self._path = path
         self._total = total
+        self._start = start
 
     def __len__(self) -> int:
-        return self._total
+        return self._total - self._start
 
     def __iter__(self) -> Iterator[bytes]:
-        sent = 0
+        sent = self._start
         started = time.monotonic()
         last = 0.0
         with self._path.open("rb") as f:
+            f.seek(self._start)
             while chunk := f.read(CHUNK):
                 sent += len(chunk)
                 now = time.monotonic()
                 if now - last >= 1 or sent == self._total:
                     last = now
-                    rate = sent / max(now - started, 1e-6)
+                    rate = (sent - self._start) / max(now - started, 1e-6)
                     eta = (self._total - sent) / rate if rate else 0
                     click.echo(f"  {units.humanize(sent)} / {units.humanize(self._total)}  "
                                f"{units.humanize(rate)}/s  ETA {eta:.0f}s", err=True)
                 yield chunk
+
+
+def _token(client: Client, name: str, namespace: str) -> str:
+    """A fresh upload token (they live 5 minutes; a resumed upload may need another)."""
+    utr = client.create(BY_KIND["UploadTokenRequest"], {
+        "apiVersion": "upload.cdi.kubevirt.io/v1beta1", "kind": "UploadTokenRequest",
+        "metadata": {"name": name, "namespace": namespace}, "spec": {"pvcName": name}})
+    return str(utr["status"]["token"])
+
+
+def _send(session: requests.Session, client: Client, url: str, endpoint: str, path: Path,
+          total: int, *, name: str, namespace: str, checksum: str | None, retries: int,
+          wait: float) -> None:
+    """POST the file; after a dropped connection or a 5xx, continue where the server is."""
+    offset = 0
+    for attempt in range(retries + 1):
+        headers = {"Authorization": f"Bearer {_token(client, name, namespace)}",
+                   "Content-Type": "application/octet-stream"}
+        if checksum:
+            headers["X-Checksum"] = checksum
+        params = {"offset": str(offset)} if offset else None
+        try:
+            r = session.post(f"{url}/v1beta1/{endpoint}", params=params, headers=headers,
+                             data=_Body(path, total, offset), timeout=(30, None),
+                             verify=session.verify)
+            if r.status_code == 200:
+                return
+            if r.status_code < 500 and r.status_code != 409:
+                raise CommandError(f"error: upload failed ({r.status_code}): {r.text.strip()}")
+            reason = f"{r.status_code} {r.text.strip()}"
+        except requests.RequestException as e:
+            reason = str(e)
+        if attempt == retries:
+            break
+        offset = _resume_offset(session, url, headers["Authorization"], wait)
+        if offset < 0:
+            return  # the server had it all
+        click.echo(f"Upload interrupted ({reason[:200]}); continuing at byte {offset}", err=True)
+    raise CommandError(f"error: upload failed after {retries + 1} attempts: {reason}")
+
+
+def _resume_offset(session: requests.Session, url: str, auth: str, wait: float) -> int:
+    """Bytes the upload server holds durably (-1 if complete); waits while it restarts."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            r = session.get(f"{url}/v1beta1/upload-offset", headers={"Authorization": auth},
+                            timeout=30, verify=session.verify)
+            if r.status_code == 200:
+                state = r.json()
+                if state.get("complete"):
+                    return -1
+                if not state.get("inProgress"):
+                    return int(state.get("offset", 0))
+        except (requests.RequestException, ValueError):
+            pass
+        time.sleep(POLL)
+    return 0
 
 
 @click.command("image-upload")
@@ -104,12 +164,14 @@ class _Body:
 @click.option("--insecure", is_flag=True, help="Do not verify the upload proxy's certificate.")
 @click.option("--wait-secs", type=int, default=300, show_default=True)
 @click.option("--checksum", default=None, help="<md5|sha1|sha256|sha512>:<hex> of the file.")
+@click.option("--retry", type=int, default=5, show_default=True,
+              help="Attempts to continue after a dropped connection or a server error.")
 @api_command
 def image_upload(client: Client, kind: str, name: str, namespace: str, image_path: Path | None,
                  archive_path: Path | None, size: str | None, no_create: bool,
                  storage_class: str | None, access_mode: str | None, volume_mode: str | None,
                  uploadproxy_url: str | None, insecure: bool, wait_secs: int,
-                 checksum: str | None) -> None:
+                 checksum: str | None, retry: int) -> None:
     """Upload a disk image (or an archive) into a DataVolume through the upload proxy."""
     if kind == "pvc":
         raise CommandError("error: pvc mode is not supported yet; use dv")
@@ -130,10 +192,6 @@ def image_upload(client: Client, kind: str, name: str, namespace: str, image_pat
             raise
         click.echo(f"DataVolume {namespace}/{name} created", err=True)
     _wait_phase(client, name, namespace, ("UploadReady",), wait_secs)
-    utr = client.create(BY_KIND["UploadTokenRequest"], {
-        "apiVersion": "upload.cdi.kubevirt.io/v1beta1", "kind": "UploadTokenRequest",
-        "metadata": {"name": name, "namespace": namespace}, "spec": {"pvcName": name}})
-    token = utr["status"]["token"]
     config = client.get(BY_KIND["CDIConfig"], "config").get("status", {})
     url = (uploadproxy_url or config.get("uploadProxyURL") or "").rstrip("/")
     if not url:
@@ -146,23 +204,18 @@ def image_upload(client: Client, kind: str, name: str, namespace: str, image_pat
             f.write(config["uploadProxyCA"])
         verify = ca_file
     endpoint = "upload-archive-async" if archive_path else "upload-async"
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
-    if checksum:
-        headers["X-Checksum"] = checksum
     try:
         with requests.Session() as session:
-            probe = session.head(f"{url}/v1beta1/upload-async", verify=verify, timeout=30,
-                                 headers={"Authorization": headers["Authorization"]})
+            # Explicit on every request: requests would let REQUESTS_CA_BUNDLE override it.
+            session.verify = verify
+            probe = session.head(f"{url}/v1beta1/upload-async", timeout=30, verify=verify, headers={
+                "Authorization": f"Bearer {_token(client, name, namespace)}"})
             if probe.status_code != 200:
                 raise CommandError(f"error: the upload proxy answered {probe.status_code} to the "
                                    f"probe: {probe.text.strip()}")
             click.echo(f"Uploading {path} ({units.humanize(total)}) to {url}", err=True)
-            r = session.post(f"{url}/v1beta1/{endpoint}", data=_Body(path, total),
-                             headers=headers, verify=verify, timeout=(30, None))
-            if r.status_code != 200:
-                raise CommandError(f"error: upload failed ({r.status_code}): {r.text.strip()}")
-    except requests.RequestException as e:
-        raise CommandError(f"error: upload failed: {e}") from e
+            _send(session, client, url, endpoint, path, total, name=name, namespace=namespace,
+                  checksum=checksum, retries=retry, wait=wait_secs)
     finally:
         if ca_file:
             Path(ca_file).unlink(missing_ok=True)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +97,44 @@ def test_not_an_upload_target(server: Server) -> None:
                       headers={"Authorization": f"Bearer {_token(server, 'blank')}"})
     assert r.status_code in (400, 503)
     assert "not an upload target" in r.text
+
+
+def test_image_upload_resumes_after_the_upload_server_dies(server: Server,
+                                                           tmp_path: Path) -> None:
+    big = images.make_raw(tmp_path / "big.raw", virtual_size=1536 * MiB,
+                          extents=[(0, 32 * MiB), (900 * MiB, 32 * MiB), (1500 * MiB, 16 * MiB)])
+    proc = subprocess.Popen(["cdi", "image-upload", "dv", "resumed", "--image-path", str(big),
+                             "--size", "2Gi"], env=server.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        # Once the upload server holds part of the file durably, kill it (-9).
+        deadline = time.monotonic() + 60
+        killed = False
+        while not killed and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            r = server.session.get(server.path("pvc", "resumed"), timeout=10)
+            pod = server.session.get(server.path("pod", "cdi-upload-resumed"), timeout=10)
+            if r.status_code != 200 or pod.status_code != 200 or \
+                    not r.json()["spec"].get("volumeName"):
+                continue
+            state = volume_of(server, "resumed").parent / ".upload-state.json"
+            pid = pod.json()["metadata"].get("annotations", {}).get(
+                "embedded.cdi.kubevirt.io/pid")
+            try:
+                offset = json.loads(state.read_text()).get("offset", 0)
+            except (OSError, ValueError):
+                continue
+            if pid and offset > 16 * MiB:
+                os.killpg(int(pid), signal.SIGKILL)
+                killed = True
+        assert killed, "the upload finished before the test could interrupt it"
+        _out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "continuing at byte" in err
+    resumed_at = int(err.split("continuing at byte ")[1].split()[0])
+    assert resumed_at > 0, "it continued, it did not start again"
+    assert qemu_img.compare(str(big), str(volume_of(server, "resumed")))
