@@ -10,7 +10,6 @@ metrics endpoint reads it.  Over TLS when it listens beyond loopback.
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import logging
 import tempfile
 import threading
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import prometheus_client
+
+from importer import settings
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def serve(progress: Progress, address: str, address_file: Path | None) -> Any:
     host, _, port = address.rpartition(":")
     host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - a pod's metrics port is meant to be reached
     certfile = keyfile = None
-    if not _is_loopback(host):
+    if not settings.is_loopback(host):
         certfile, keyfile = _self_signed()
     server, _thread = prometheus_client.start_http_server(
         int(port or 0), addr=host, registry=progress.registry, certfile=certfile, keyfile=keyfile
@@ -119,15 +120,6 @@ def serve(progress: Progress, address: str, address_file: Path | None) -> Any:
     if address_file is not None:
         address_file.write_text(f"{host_text}:{bound_port}\n")
     return server
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _self_signed() -> tuple[str, str]:

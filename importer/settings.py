@@ -11,6 +11,7 @@ instead of deep inside a transfer.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -125,7 +126,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         endpoint=endpoint,
         content_type=content_type,
         checksum=_checksum(get("IMPORTER_CHECKSUM")),
-        image_size=_quantity("IMPORTER_IMAGE_SIZE", get("IMPORTER_IMAGE_SIZE")),
+        image_size=quantity("IMPORTER_IMAGE_SIZE", get("IMPORTER_IMAGE_SIZE")),
         filesystem_overhead=_overhead(get("FILESYSTEM_OVERHEAD")),
         preallocation=_bool("PREALLOCATION", get("PREALLOCATION")),
         cache_mode_try_none=(get("CACHE_MODE") or "").upper() == "TRYNONE",
@@ -172,7 +173,8 @@ def _number(name: str, value: str | None, default: float) -> float:
     return n
 
 
-def _quantity(name: str, value: str | None) -> int | None:
+def quantity(name: str, value: str | None) -> int | None:
+    """A positive size from variable NAME (a Kubernetes quantity), or None if unset."""
     if value is None:
         return None
     try:
@@ -248,6 +250,16 @@ def _dir(name: str, value: str | None) -> Path | None:
     if not p.is_dir():
         raise errors.SettingsError(variable=name, reason=f"{value} is not a directory")
     return p
+
+
+def is_loopback(host: str) -> bool:
+    """Whether HOST (a name or an address) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _path(value: str | None) -> Path | None:

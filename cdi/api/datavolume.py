@@ -15,12 +15,7 @@ from cdi.api.core import PersistentVolumeClaimSpec
 from cdi.api.meta import (
     APIModel,
     Condition,
-    LabelSelector,
-    Quantity,
     Resource,
-    ResourceRequirements,
-    TypedLocalObjectReference,
-    TypedObjectReference,
 )
 
 
@@ -175,23 +170,8 @@ class SourceRef(APIModel):
 # --- Target ----------------------------------------------------------------------------------
 
 
-class StorageSpec(APIModel):
-    """``spec.storage``: a claim spec CDI completes from the StorageProfile."""
-
-    access_modes: list[str] | None = None
-    selector: LabelSelector | None = None
-    resources: ResourceRequirements | None = None
-    volume_name: str | None = None
-    storage_class_name: str | None = None
-    volume_mode: str | None = None
-    data_source: TypedLocalObjectReference | None = None
-    data_source_ref: TypedObjectReference | None = None
-
-    def requested_storage(self) -> Quantity | None:
-        """``resources.requests.storage`` as written, or None."""
-        if self.resources is None or self.resources.requests is None:
-            return None
-        return self.resources.requests.get("storage")
+class StorageSpec(PersistentVolumeClaimSpec):
+    """``spec.storage``: a claim spec CDI completes from the StorageProfile (same fields)."""
 
 
 class Checkpoint(APIModel):

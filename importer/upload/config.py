@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import ipaddress
 import os
 import re
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
 
-from importer import errors, settings, units
+from importer import errors, settings
 
 STATE_NAME = ".upload-state.json"
 DEFAULT_PORT = 8443
@@ -106,7 +105,7 @@ def from_env(env: Mapping[str, str] | None = None) -> UploadConfig:
     base["IMPORTER_SOURCE"] = "none"
     imp = dataclasses.replace(
         settings.from_env(base),
-        image_size=_quantity("UPLOAD_IMAGE_SIZE", get("UPLOAD_IMAGE_SIZE")),
+        image_size=settings.quantity("UPLOAD_IMAGE_SIZE", get("UPLOAD_IMAGE_SIZE")),
         # The metrics endpoint is opt-in: its default port is the upload port.
         metrics_address=e.get("IMPORTER_METRICS_ADDRESS", ""),
     )
@@ -155,25 +154,7 @@ def termination_log_from_env() -> Path:
     return Path(os.environ.get("IMPORTER_TERMINATION_LOG") or "/dev/termination-log")
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _quantity(name: str, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        n = units.parse_quantity(value)
-    except ValueError as e:
-        raise errors.SettingsError(variable=name, reason=str(e)) from e
-    if n <= 0:
-        raise errors.SettingsError(variable=name, reason="the size must be positive")
-    return n
+is_loopback = settings.is_loopback
 
 
 def _port(value: str | None) -> int:
