@@ -142,6 +142,14 @@ def test_seed_manifests_apply(server: Server) -> None:
                 m.obj["metadata"] = {"name": f"seed-{m.line}"}  # elided as "# ..." there
             docs.append(m.obj)
     assert len(docs) >= 7
+    # A StorageProfile belongs to a StorageClass of the same name (the profile
+    # controller removes profiles whose class is gone), so make the classes first.
+    for name in {d["metadata"]["name"] for d in docs if d["kind"] == "StorageProfile"}:
+        sc = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+              "metadata": {"name": name}, "provisioner": "example.com/seed"}
+        assert server.session.post(server.url + "/apis/storage.k8s.io/v1/storageclasses",
+                                   json=sc, timeout=10).status_code == 201
+        server.wait_for("storageprofile", name, lambda o: "status" in o, namespace="")
     p = server.cli("apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in docs))
     assert p.returncode == 0, p.stderr
     assert p.stdout.count(" created") + p.stdout.count(" configured") == len(docs), p.stdout
