@@ -67,6 +67,7 @@ def run(s: settings.Settings) -> tuple[int, str]:
     started = time.monotonic()
     prog = progress.Progress(s.owner_uid)
     server = None
+    labels: dict[str, str] = {}
     try:
         if s.metrics_address:
             server = progress.serve(prog, s.metrics_address, s.metrics_address_file)
@@ -75,6 +76,9 @@ def run(s: settings.Settings) -> tuple[int, str]:
         try:
             processor = Processor(source, settings=s, target=target, progress=prog)
             processor.run()
+            # A registry image's KUBEVIRT_IO_ variables become PVC labels (CDI's rule);
+            # the controller reads them from the termination message.
+            labels = dict(getattr(source, "labels", dict)())
         finally:
             source.close()
     except errors.ScratchSpaceRequired as e:
@@ -96,11 +100,14 @@ def run(s: settings.Settings) -> tuple[int, str]:
             server.server_close()
     elapsed = time.monotonic() - started
     log.info("COMPLETE seconds=%.2f read=%s", elapsed, units.humanize(prog.bytes_read))
-    return 0, json.dumps({
+    result: dict[str, object] = {
         "message": "Import Complete",
         "scratchSpaceRequired": False,
         "preallocationApplied": bool(s.preallocation),
-    })
+    }
+    if labels:
+        result["labels"] = labels
+    return 0, json.dumps(result)
 
 
 if __name__ == "__main__":

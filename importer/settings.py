@@ -20,10 +20,10 @@ from typing import Literal
 
 from importer import errors, units
 
-SourceKind = Literal["http", "none"]
+SourceKind = Literal["http", "registry", "s3", "none"]
 ContentType = Literal["kubevirt", "archive"]
 
-SOURCES: tuple[str, ...] = ("http", "none")
+SOURCES: tuple[str, ...] = ("http", "registry", "s3", "none")
 CHECKSUM_LENGTHS = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}
 _TRUE = {"true", "1", "t", "yes"}
 _FALSE = {"false", "0", "f", "no", ""}
@@ -76,6 +76,11 @@ class Settings:
     # writes the bound "host:port" to metrics_address_file.
     metrics_address: str = ":8443"
     metrics_address_file: Path | None = None
+    # Registry source: the platform architecture picked from an image index ("" = this
+    # machine's), whether the registry is on CDIConfig's insecureRegistries list (plain
+    # HTTP or unverified TLS).
+    registry_architecture: str = ""
+    insecure_registry: bool = False
 
     @property
     def target_file(self) -> Path:
@@ -106,14 +111,19 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
             variable="IMPORTER_SOURCE", reason=f"Unknown data source: {source}"
         )
     endpoint = get("IMPORTER_ENDPOINT") or ""
-    if source == "http" and not endpoint:
+    if source != "none" and not endpoint:
         raise errors.SettingsError(
-            variable="IMPORTER_ENDPOINT", reason="an http import needs the URL of the image"
+            variable="IMPORTER_ENDPOINT", reason=f"an {source} import needs the URL of the image"
         )
-    if source == "http" and not re.match(r"^https?://", endpoint, re.IGNORECASE):
+    if source in ("http", "s3") and not re.match(r"^https?://", endpoint, re.IGNORECASE):
         raise errors.SettingsError(
             variable="IMPORTER_ENDPOINT",
             reason="the URL must start with http:// or https://",
+        )
+    if source == "registry" and not re.match(r"^(docker://|oci-archive:)", endpoint):
+        raise errors.SettingsError(
+            variable="IMPORTER_ENDPOINT",
+            reason="a registry image is docker://host[:port]/repo[:tag|@digest] or oci-archive:<path>",
         )
 
     # CDI treats unknown content types as kubevirt.
@@ -149,6 +159,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         termination_log=Path(get("IMPORTER_TERMINATION_LOG") or "/dev/termination-log"),
         metrics_address=e.get("IMPORTER_METRICS_ADDRESS", ":8443"),
         metrics_address_file=_path(get("IMPORTER_METRICS_ADDRESS_FILE")),
+        registry_architecture=get("IMPORTER_REGISTRY_IMAGE_ARCHITECTURE") or "",
+        insecure_registry=_bool("IMPORTER_INSECURE_REGISTRY", get("IMPORTER_INSECURE_REGISTRY")),
     )
 
 

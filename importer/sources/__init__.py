@@ -13,6 +13,14 @@ def open_source(settings: Settings, progress: Progress) -> Source:
         from importer.sources import http
 
         return http.open(settings, progress=progress)
+    if settings.source == "registry":
+        from importer.sources import registry
+
+        return registry.open(settings, progress=progress)
+    if settings.source == "s3":
+        from importer.sources import s3
+
+        return s3.open(settings, progress=progress)
     if settings.source == "none":
         from importer.sources import blank
 
