@@ -113,7 +113,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     endpoint = get("IMPORTER_ENDPOINT") or ""
     if source != "none" and not endpoint:
         raise errors.SettingsError(
-            variable="IMPORTER_ENDPOINT", reason=f"an {source} import needs the URL of the image"
+            variable="IMPORTER_ENDPOINT",
+            reason=f"{'an' if source in ('http', 's3') else 'a'} {source} import needs "
+                   "the URL of the image",
         )
     if source in ("http", "s3") and not re.match(r"^https?://", endpoint, re.IGNORECASE):
         raise errors.SettingsError(
@@ -123,7 +125,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     if source == "registry" and not re.match(r"^(docker://|oci-archive:)", endpoint):
         raise errors.SettingsError(
             variable="IMPORTER_ENDPOINT",
-            reason="a registry image is docker://host[:port]/repo[:tag|@digest] or oci-archive:<path>",
+            reason="a registry image is docker://host[:port]/repo[:tag|@digest] "
+                   "or oci-archive:<path>",
         )
 
     # CDI treats unknown content types as kubevirt.

@@ -50,7 +50,7 @@ import worker, so the pod runner wires mounts the same way for both.
 ``TLS_CIPHERS`` is not read (Python's defaults apply).  Unlike CDI, which
 verifies a client certificate only if one is given and answers 401 without
 one, a server with ``CLIENT_CERT_FILE`` refuses the TLS handshake itself, so
-a readiness probe must present a client certificate (or probe the port).
+its pod's readiness probe is a TCP probe of the port.
 
 Endpoints
 ---------

@@ -32,7 +32,7 @@ from cdi.backends.embedded.podrunner import PodRunner
 from cdi.backends.embedded.store import SQLiteStore
 from cdi.backends.embedded.uploads import EmbeddedResolver
 from cdi.cli import config
-from cdi.controllers.datavolume import DataVolumeController
+from cdi.controllers.datavolume import DataVolumeController, UploadTLS
 from cdi.controllers.runtime import Runtime, run_guarded
 from cdi.controllers.storageprofile import CDIConfigController, StorageProfileController
 from uploadproxy.app import create_app as create_upload_proxy
@@ -72,13 +72,11 @@ async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | N
     key_file = data_dir / "upload-token.key"
     tokens.generate_key(key_file)
     token_key = tokens.load_key(key_file)
-    ca_cert, proxy_cert, proxy_key = certs.ensure(data_dir / "uploadproxy")
-    proxy_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    proxy_tls.minimum_version = ssl.TLSVersion.TLSv1_2
-    proxy_tls.load_cert_chain(str(proxy_cert), str(proxy_key))
-    proxy_runner = web.AppRunner(create_upload_proxy(public_key=token_key.public_key(),
-                                                     resolver=EmbeddedResolver(store)),
-                                 access_log=None)
+    upload_pki = certs.upload_pki(data_dir)
+    proxy_tls = upload_pki.proxy_server_context()
+    proxy_runner = web.AppRunner(create_upload_proxy(
+        public_key=token_key.public_key(), resolver=EmbeddedResolver(store),
+        client_ssl=upload_pki.proxy_client_context()), access_log=None)
     await proxy_runner.setup()
     proxy_site = web.TCPSite(proxy_runner, host, upload_proxy_port, ssl_context=proxy_tls)
     await proxy_site.start()
@@ -86,12 +84,13 @@ async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | N
                 f"{proxy_runner.addresses[0][1]}"
 
     cdiconfig = CDIConfigController(store, upload_proxy_url=proxy_url,
-                                    upload_proxy_ca=ca_cert.read_text())
+                                    upload_proxy_ca=upload_pki.proxy_ca.read_text())
     await cdiconfig.ensure()
     runner = PodRunner(store, data_dir=data_dir, volumes=volumes, backoff_base=restart_backoff,
                        max_running=max_workers)
     provisioner = storage.Provisioner(store, volumes)
-    datavolumes = DataVolumeController(store)
+    datavolumes = DataVolumeController(store, upload_tls=UploadTLS(
+        signer=upload_pki.server_signer, client_ca_pem=upload_pki.client_signer.cert_pem))
     runtime = Runtime(store)
     for controller in (datavolumes, StorageProfileController(store), cdiconfig):
         runtime.add(controller)

@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from cdi.api import defaults
+from cdi.api import defaults, pki
 from cdi.api import errors as api_errors
 from cdi.backends.port import Obj, ObjectStore
 from cdi.controllers import events, importpod
@@ -41,6 +41,15 @@ RUNNING_REASON = A + "storage.condition.running.reason"
 RUNNING_MESSAGE = A + "storage.condition.running.message"
 SUPPORTED = ("http", "blank", "upload")
 UPLOAD_TARGET = A + "storage.upload.target"
+
+
+@dataclasses.dataclass(frozen=True)
+class UploadTLS:
+    """What upload servers get for mutual TLS: a signer for their serving
+    certificates, and the CA of the clients (the proxy) they accept."""
+
+    signer: pki.Signer
+    client_ca_pem: bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +107,9 @@ class DataVolumeController:
     name = "datavolume"
     kind = "DataVolume"
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, *, upload_tls: UploadTLS | None = None) -> None:
         self._store = store
+        self._upload_tls = upload_tls
         self._session: aiohttp.ClientSession | None = None
         self._samples: dict[str, tuple[float, int]] = {}  # dv uid -> (time, bytes read)
 
@@ -371,8 +381,18 @@ class DataVolumeController:
         preallocation = ann.get(A + "storage.preallocation.requested") == "true"
         resources = status.get("defaultPodResourceRequirements", {})
         if _op(dv) is UPLOAD:
+            tls_secret = None
+            if self._upload_tls is not None:
+                secret = importpod.upload_tls_secret(pvc, self._upload_tls.signer,
+                                                     self._upload_tls.client_ca_pem)
+                tls_secret = secret["metadata"]["name"]
+                try:
+                    await self._store.create(secret)
+                except api_errors.AlreadyExists:
+                    pass
             pod = importpod.upload_pod_spec(dv, pvc, block=block, overhead=overhead,
-                                            preallocation=preallocation, resources=resources)
+                                            preallocation=preallocation, resources=resources,
+                                            tls_secret=tls_secret)
             scratch = True  # uploads always get scratch space, as in CDI
         else:
             proxy = status.get("importProxy", {}) or {}

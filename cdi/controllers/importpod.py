@@ -9,6 +9,7 @@ reads the progress metrics of a running worker.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import re
@@ -16,11 +17,13 @@ from typing import Any
 
 import aiohttp
 
+from cdi.api import pki
 from cdi.backends.port import Obj
 
 ANN = "cdi.kubevirt.io/"
 METRICS_ANNOTATION = "embedded.cdi.kubevirt.io/metrics-address"
 SCRAPE_TIMEOUT = 2.0
+TLS_DIR = "/etc/tls"
 # Running-condition messages CDI turns into "DataVolume too small to contain image".
 _TOO_SMALL = ("is larger than the reported available", "no space left on device",
               "file largest block is bigger than maxblock", "disk quota exceeded")
@@ -31,6 +34,29 @@ POD_ANNOTATIONS = ("k8s.v1.cni.cncf.io/networks", "v1.multus-cni.io/default-netw
 
 def pod_name(pvc_name: str) -> str:
     return f"importer-{pvc_name}"
+
+
+def upload_pod_name(pvc_name: str) -> str:
+    return f"cdi-upload-{pvc_name}"
+
+
+def upload_tls_secret(pvc: Obj, signer: pki.Signer, client_ca_pem: bytes) -> Obj:
+    """The upload server's own certificate, and the CA its clients must come from."""
+    meta = pvc["metadata"]
+    name, ns = upload_pod_name(meta["name"]), meta["namespace"]
+    issued = signer.issue(name, hosts=("127.0.0.1", "localhost", f"{name}.{ns}.svc",
+                                       f"{name}.{ns}.svc.cluster.local"))
+    return {
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": name, "namespace": ns,
+                     "labels": {"app": "containerized-data-importer"},
+                     "ownerReferences": [{"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                                          "name": meta["name"], "uid": meta["uid"],
+                                          "controller": True}]},
+        "data": {"tls.crt": base64.b64encode(issued.cert_pem).decode(),
+                 "tls.key": base64.b64encode(issued.key_pem).decode(),
+                 "ca.crt": base64.b64encode(client_ca_pem).decode()},
+    }
 
 
 def scratch_name(pvc_name: str) -> str:
@@ -77,18 +103,34 @@ def pod_spec(dv: Obj, pvc: Obj, *, block: bool, overhead: float, preallocation: 
 
 
 def upload_pod_spec(dv: Obj, pvc: Obj, *, block: bool, overhead: float, preallocation: bool,
-                    resources: dict[str, Any]) -> Obj:
+                    resources: dict[str, Any], tls_secret: str | None = None) -> Obj:
     """The upload server pod (``cdi-upload-<claim>``): it listens for one upload."""
     env = [{"name": "UPLOAD_IMAGE_SIZE",
             "value": str(pvc["spec"]["resources"]["requests"]["storage"])},
            {"name": "LISTEN_PORT", "value": "8443"}]
-    pod = _worker_pod(dv, pvc, name=f"cdi-upload-{pvc['metadata']['name']}",
+    pod = _worker_pod(dv, pvc, name=upload_pod_name(pvc["metadata"]["name"]),
                       command="cdi-uploadserver", env=env, block=block, overhead=overhead,
                       preallocation=preallocation, scratch=True, resources=resources,
                       component="cdi-upload-server")
-    pod["spec"]["containers"][0]["readinessProbe"] = {
-        "httpGet": {"path": "/healthz", "port": 8443, "scheme": "HTTPS"},
-        "initialDelaySeconds": 2, "periodSeconds": 5}
+    container = pod["spec"]["containers"][0]
+    if tls_secret:
+        # CDI's layout: the Secret named like the pod, mounted at /etc/tls; the
+        # upload server requires the proxy's client certificate (mutual TLS).
+        container["env"][:0] = [
+            {"name": "TLS_KEY_FILE", "value": f"{TLS_DIR}/tls.key"},
+            {"name": "TLS_CERT_FILE", "value": f"{TLS_DIR}/tls.crt"},
+            {"name": "CLIENT_CERT_FILE", "value": f"{TLS_DIR}/ca.crt"},
+            {"name": "CLIENT_NAME", "value": pki.UPLOAD_CLIENT_NAME},
+        ]
+        pod["spec"]["volumes"].append({"name": "tls-secret",
+                                       "secret": {"secretName": tls_secret}})
+        container.setdefault("volumeMounts", []).append(
+            {"name": "tls-secret", "mountPath": TLS_DIR, "readOnly": True})
+    # CDI probes HTTPS /healthz and answers 401 to a client without a certificate;
+    # ours refuses such a handshake outright, so the probe is the listening port
+    # (the server listens only once it can take an upload).
+    container["readinessProbe"] = {
+        "tcpSocket": {"port": 8443}, "initialDelaySeconds": 1, "periodSeconds": 5}
     pod["metadata"]["labels"]["cdi.kubevirt.io/uploadTarget"] = pvc["metadata"]["uid"]
     return pod
 

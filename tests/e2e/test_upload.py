@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -18,6 +20,7 @@ from importer import qemu_img
 from tests.e2e.conftest import Server, condition, phase
 from tests.e2e.test_datavolume import volume_of
 from tests.support import images
+from tests.support import tls as tls_support
 
 MiB = 1 << 20
 
@@ -138,3 +141,50 @@ def test_image_upload_resumes_after_the_upload_server_dies(server: Server,
     resumed_at = int(err.split("continuing at byte ")[1].split()[0])
     assert resumed_at > 0, "it continued, it did not start again"
     assert qemu_img.compare(str(big), str(volume_of(server, "resumed")))
+
+
+def test_upload_servers_speak_mutual_tls_only(server: Server, raw: Path) -> None:
+    """The proxy reaches each upload server over TLS with its own certificate,
+    and the server accepts no client but the proxy."""
+    dv: dict[str, Any] = {
+        "apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+        "metadata": {"name": "mtls"},
+        "spec": {"source": {"upload": {}},
+                 "storage": {"resources": {"requests": {"storage": "64Mi"}}}}}
+    assert server.create(dv).status_code == 201
+    server.wait_for("dv", "mtls", lambda o: phase(o) == "UploadReady")
+    pod = server.get("pod", "cdi-upload-mtls")
+    address = pod["metadata"]["annotations"]["embedded.cdi.kubevirt.io/upload-address"]
+    host, port = address.rsplit(":", 1)
+    signer = server.data_dir / "uploadserver-signer" / "ca.crt"
+    # Its certificate is its own, from the upload-server signer.
+    ctx = ssl.create_default_context(cafile=str(signer))
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        # TLS 1.3: the handshake completes, then the missing client certificate is refused.
+        with ctx.wrap_socket(sock, server_hostname=host) as tls:
+            cert = tls.getpeercert()
+            assert cert is not None
+            assert dict(x[0] for x in cert["subject"])["commonName"] == "cdi-upload-mtls"
+            with pytest.raises(ssl.SSLError, match=r"CERTIFICATE_REQUIRED|EOF occurred"):
+                tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                tls.recv(100)
+    # Plain HTTP is not spoken at all.
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(f"http://{address}/healthz", timeout=10)
+    # A client certificate from another CA is refused too.
+    other = tls_support.make_ca()
+    client = other.issue_cert("client.upload-server.cdi.kubevirt.io")
+    with tempfile.TemporaryDirectory() as d:
+        cert_file = Path(d) / "client.pem"
+        client.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(f"https://{address}/healthz", verify=str(signer),
+                         cert=str(cert_file), timeout=10)
+    # The proxy, with its client certificate, gets through.
+    url, ca = _proxy(server)
+    with raw.open("rb") as f:
+        r = requests.post(f"{url}/v1beta1/upload", data=f, verify=ca, timeout=120,
+                          headers={"Authorization": f"Bearer {_token(server, 'mtls')}"})
+    assert r.status_code == 200, r.text
+    server.wait_for("dv", "mtls", lambda o: phase(o) == "Succeeded")
+    assert qemu_img.compare(str(raw), str(volume_of(server, "mtls")))

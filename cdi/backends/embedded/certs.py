@@ -1,70 +1,63 @@
-"""The embedded control plane's own small PKI: a CA and the upload proxy's certificate.
+"""The embedded control plane's PKI, kept in the data dir and made on first start.
 
-``cdi serve`` makes them on first start and keeps them in the data dir (keys
-0600).  The CA is published in CDIConfig ``status.uploadProxyCA`` so clients
-(``cdi image-upload``, ``virtctl``) can verify the proxy without ``--insecure``.
+Three signers, as in CDI: the upload proxy's CA (its serving certificate; the
+CA is published in CDIConfig ``status.uploadProxyCA`` so ``cdi image-upload``
+and ``virtctl`` verify the proxy without ``--insecure``), the upload-server
+signer (each upload server gets its own serving certificate from it, issued by
+the DataVolume controller) and the upload-server client signer (the proxy's
+client certificate, which every upload server requires: mutual TLS).
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-import os
+import dataclasses
+import ssl
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-CA_DAYS = 3650
-SERVER_DAYS = 825
+from cdi.api import pki
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM,
-                                  serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+@dataclasses.dataclass(frozen=True)
+class UploadPKI:
+    proxy_ca: Path  # the CA clients trust for the proxy
+    proxy_cert: Path
+    proxy_key: Path
+    server_signer: pki.Signer  # issues upload-server serving certificates
+    client_signer: pki.Signer  # issued the proxy's client certificate
+    client_cert: Path
+    client_key: Path
+
+    def proxy_server_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(self.proxy_cert), str(self.proxy_key))
+        return ctx
+
+    def proxy_client_context(self) -> ssl.SSLContext:
+        """How the proxy reaches upload servers: their signer only, with its client cert."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                         cafile=str(self.server_signer.cert_path))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(self.client_cert), str(self.client_key))
+        return ctx
 
 
 def ensure(directory: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
            ) -> tuple[Path, Path, Path]:
     """(CA cert, server cert, server key) for the upload proxy, made if missing."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ca_cert, cert, key = (directory / "ca.crt", directory / "tls.crt", directory / "tls.key")
-    if ca_cert.exists() and cert.exists() and key.exists():
-        return ca_cert, cert, key
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cdi-serve-ca")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = []
-    for h in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            names.append(x509.DNSName(h))
-    server = (x509.CertificateBuilder()
-              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
-                                                          "cdi-uploadproxy")]))
-              .issuer_name(ca_name).public_key(server_key.public_key())
-              .serial_number(x509.random_serial_number())
-              .not_valid_before(now - datetime.timedelta(minutes=5))
-              .not_valid_after(now + datetime.timedelta(days=SERVER_DAYS))
-              .add_extension(x509.SubjectAlternativeName(names), critical=False)
-              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                             critical=False)
-              .sign(ca_key, hashes.SHA256()))
-    _write_key(directory / "ca.key", ca_key)
-    _write_key(key, server_key)
-    ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    return ca_cert, cert, key
+    signer = pki.Signer(directory, "cdi-serve-ca")
+    cert, key = signer.issue_files(directory, "cdi-uploadproxy", hosts=hosts)
+    return signer.cert_path, cert, key
+
+
+def upload_pki(data_dir: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+               ) -> UploadPKI:
+    proxy_ca, proxy_cert, proxy_key = ensure(data_dir / "uploadproxy", hosts=hosts)
+    server_signer = pki.Signer(data_dir / "uploadserver-signer", "cdi-uploadserver-signer")
+    client_dir = data_dir / "uploadserver-client-signer"
+    client_signer = pki.Signer(client_dir, "cdi-uploadserver-client-signer")
+    client_cert, client_key = client_signer.issue_files(
+        client_dir / "client", pki.UPLOAD_CLIENT_NAME, client=True)
+    return UploadPKI(proxy_ca=proxy_ca, proxy_cert=proxy_cert, proxy_key=proxy_key,
+                     server_signer=server_signer, client_signer=client_signer,
+                     client_cert=client_cert, client_key=client_key)

@@ -225,6 +225,16 @@ class PodRunner:
                 target = d / "extraheaders" / Path(m["mountPath"]).name
                 await self._materialize_secret(ns, secrets[m["name"]], target)
                 env["IMPORTER_SECRET_EXTRA_HEADERS_DIR"] = str(d / "extraheaders")
+            elif m["name"] in secrets:
+                # Any other Secret volume (an upload server's /etc/tls): a private dir
+                # here, and env values naming files under the mount point follow it.
+                target = d / "secrets" / m["name"]
+                await self._materialize_secret(ns, secrets[m["name"]], target)
+                prefix = m["mountPath"].rstrip("/") + "/"
+                for e in container.get("env", []):
+                    value = env.get(e["name"], "")
+                    if value.startswith(prefix):
+                        env[e["name"]] = str(target / value[len(prefix):])
         config_dirs = {v["name"]: d / v["name"] for v in pod["spec"].get("volumes", [])
                        if "configMap" in v}
         for m in container.get("volumeMounts", []):

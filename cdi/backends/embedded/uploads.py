@@ -2,7 +2,8 @@
 
 An upload target claim carries ``cdi.kubevirt.io/storage.upload.target``; its
 upload server is the worker of pod ``cdi-upload-<claim>``, which listens on a
-loopback port the pod runner publishes in an annotation once it is ready.
+loopback port the pod runner publishes in an annotation once it is ready, over
+HTTPS with its own certificate when the pod mounts one.
 """
 
 from __future__ import annotations
@@ -38,5 +39,8 @@ class EmbeddedResolver:
         address = pod["metadata"].get("annotations", {}).get(UPLOAD_ANNOTATION)
         if not address or pod.get("status", {}).get("phase") != "Running":
             raise NotReadyYet("the upload server is starting")
-        return UploadTarget(url=f"http://{address}",
+        # With a certificate (mutual TLS) the worker serves HTTPS; see importpod.
+        env = {e["name"] for e in pod["spec"]["containers"][0].get("env", [])}
+        scheme = "https" if "TLS_CERT_FILE" in env else "http"
+        return UploadTarget(url=f"{scheme}://{address}",
                             content_type=annotations.get(CONTENT_TYPE, "kubevirt") or "kubevirt")
