@@ -35,6 +35,7 @@ from cdi.cli import config
 from cdi.controllers.datavolume import DataVolumeController, UploadTLS
 from cdi.controllers.runtime import Runtime, run_guarded
 from cdi.controllers.storageprofile import CDIConfigController, StorageProfileController
+from cdi.controllers.uploadclaim import UploadClaimController
 from uploadproxy.app import create_app as create_upload_proxy
 
 log = logging.getLogger("cdi.serve")
@@ -89,10 +90,12 @@ async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | N
     runner = PodRunner(store, data_dir=data_dir, volumes=volumes, backoff_base=restart_backoff,
                        max_running=max_workers)
     provisioner = storage.Provisioner(store, volumes)
-    datavolumes = DataVolumeController(store, upload_tls=UploadTLS(
-        signer=upload_pki.server_signer, client_ca_pem=upload_pki.client_signer.cert_pem))
+    upload_tls = UploadTLS(signer=upload_pki.server_signer,
+                           client_ca_pem=upload_pki.client_signer.cert_pem)
+    datavolumes = DataVolumeController(store, upload_tls=upload_tls)
     runtime = Runtime(store)
-    for controller in (datavolumes, StorageProfileController(store), cdiconfig):
+    for controller in (datavolumes, UploadClaimController(store, upload_tls=upload_tls),
+                       StorageProfileController(store), cdiconfig):
         runtime.add(controller)
 
     async def upload_token(obj: dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """``cdi image-upload``: virtctl's image-upload flow against our upload proxy.
 
-Create (or find) the DataVolume or PVC, wait until its upload server is ready,
-get a short-lived token (``UploadTokenRequest``), probe ``upload-async`` with
-HEAD, stream the file to the proxy, and wait until the DataVolume has
-processed it.  Progress goes to stderr as bytes, rate and ETA.
+Create (or find) the DataVolume, or in ``pvc`` mode a bare claim annotated as
+an upload target, wait until its upload server is ready, get a short-lived
+token (``UploadTokenRequest``), probe ``upload-async`` with HEAD, stream the
+file to the proxy, wait until the volume has processed it, and optionally point
+a DataSource at it.  Progress goes to stderr as bytes, rate and ETA: a bar
+redrawn in place on a terminal, a line a second otherwise.
 """
 
 from __future__ import annotations
@@ -27,9 +29,16 @@ CHUNK = 1 << 20
 POLL = 0.5
 
 
-def _datavolume(name: str, namespace: str, size: str, *, storage_class: str | None,
-                access_mode: str | None, volume_mode: str | None,
-                archive: bool) -> dict[str, Any]:
+FORCE_BIND = "cdi.kubevirt.io/storage.bind.immediate.requested"
+UPLOAD_TARGET = "cdi.kubevirt.io/storage.upload.target"
+CONTENT_TYPE = "cdi.kubevirt.io/storage.contentType"
+POD_PHASE = "cdi.kubevirt.io/storage.pod.phase"
+POD_READY = "cdi.kubevirt.io/storage.pod.ready"
+RUNNING_MESSAGE = "cdi.kubevirt.io/storage.condition.running.message"
+
+
+def _storage(size: str, *, storage_class: str | None, access_mode: str | None,
+             volume_mode: str | None) -> dict[str, Any]:
     storage: dict[str, Any] = {"resources": {"requests": {"storage": size}}}
     if storage_class:
         storage["storageClassName"] = storage_class
@@ -37,11 +46,57 @@ def _datavolume(name: str, namespace: str, size: str, *, storage_class: str | No
         storage["accessModes"] = [access_mode]
     if volume_mode:
         storage["volumeMode"] = volume_mode.capitalize()
+    return storage
+
+
+def _datavolume(name: str, namespace: str, storage: dict[str, Any], *, archive: bool,
+                force_bind: bool) -> dict[str, Any]:
     spec: dict[str, Any] = {"source": {"upload": {}}, "storage": storage}
     if archive:
         spec["contentType"] = "archive"
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if force_bind:
+        meta["annotations"] = {FORCE_BIND: "true"}
     return {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
-            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+            "metadata": meta, "spec": spec}
+
+
+def _claim(name: str, namespace: str, storage: dict[str, Any], *, archive: bool,
+           force_bind: bool) -> dict[str, Any]:
+    """A bare upload-target claim (virtctl's pvc mode); the upload controller serves it."""
+    annotations = {UPLOAD_TARGET: "", CONTENT_TYPE: "archive" if archive else "kubevirt"}
+    if force_bind:
+        annotations[FORCE_BIND] = "true"
+    spec = {**storage, "accessModes": storage.get("accessModes", ["ReadWriteOnce"])}
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name, "namespace": namespace, "annotations": annotations},
+            "spec": spec}
+
+
+def _wait_claim(client: Client, name: str, namespace: str, *, done: bool,
+                timeout: float) -> None:
+    """pvc mode: wait for the upload server (ready) or for the end of processing (done)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pvc = client.get(BY_KIND["PersistentVolumeClaim"], name, namespace)
+        ann = pvc["metadata"].get("annotations", {})
+        if UPLOAD_TARGET not in ann:
+            raise CommandError(f"error: PVC {namespace}/{name} is not an upload target "
+                               f"(it has no {UPLOAD_TARGET} annotation)")
+        phase = ann.get(POD_PHASE, "")
+        if phase == "Succeeded":
+            if done:
+                return
+            raise CommandError(f"error: PVC {namespace}/{name} has already been uploaded to")
+        if phase == "Failed":
+            raise CommandError(f"error: upload failed: {ann.get(RUNNING_MESSAGE, '')}")
+        if not done and phase == "Running" and ann.get(POD_READY) == "true":
+            return
+        if time.monotonic() > deadline:
+            wanted = "processed" if done else "ready for upload"
+            raise CommandError(f"error: timed out waiting for PVC {namespace}/{name} to be "
+                               f"{wanted} (upload server {phase or 'not started'})")
+        time.sleep(POLL)
 
 
 def _wait_phase(client: Client, name: str, namespace: str, wanted: tuple[str, ...],
@@ -61,9 +116,39 @@ def _wait_phase(client: Client, name: str, namespace: str, wanted: tuple[str, ..
         time.sleep(POLL)
 
 
+class _Progress:
+    """Bytes, rate and ETA: one redrawn line on a terminal, a plain line a second otherwise."""
+
+    def __init__(self, total: int, start: int, *, tty: bool) -> None:
+        self._total = total
+        self._start = start
+        self._tty = tty
+        self._started = time.monotonic()
+        self._last = 0.0
+
+    def update(self, sent: int) -> None:
+        now = time.monotonic()
+        final = sent >= self._total
+        if now - self._last < (0.2 if self._tty else 1.0) and not final:
+            return
+        self._last = now
+        rate = (sent - self._start) / max(now - self._started, 1e-6)
+        eta = (self._total - sent) / rate if rate else 0
+        text = (f"{units.humanize(sent)} / {units.humanize(self._total)}  "
+                f"{units.humanize(rate)}/s  ETA {eta:.0f}s")
+        if not self._tty:
+            click.echo(f"  {text}", err=True)
+            return
+        width = 30
+        filled = width * sent // self._total if self._total else width
+        percent = 100.0 * sent / self._total if self._total else 100.0
+        bar = "#" * filled + "-" * (width - filled)
+        click.echo(f"\r[{bar}] {percent:5.1f}%  {text}\x1b[K", err=True, nl=final)
+
+
 class _Body:
     """The file as an iterable of chunks with a length (so requests sends a
-    Content-Length, not chunked encoding), printing progress as it goes."""
+    Content-Length, not chunked encoding), reporting progress as it goes."""
 
     def __init__(self, path: Path, total: int, start: int = 0) -> None:
         self._path = path
@@ -75,19 +160,12 @@ class _Body:
 
     def __iter__(self) -> Iterator[bytes]:
         sent = self._start
-        started = time.monotonic()
-        last = 0.0
+        progress = _Progress(self._total, self._start, tty=click.get_text_stream("stderr").isatty())
         with self._path.open("rb") as f:
             f.seek(self._start)
             while chunk := f.read(CHUNK):
                 sent += len(chunk)
-                now = time.monotonic()
-                if now - last >= 1 or sent == self._total:
-                    last = now
-                    rate = (sent - self._start) / max(now - started, 1e-6)
-                    eta = (self._total - sent) / rate if rate else 0
-                    click.echo(f"  {units.humanize(sent)} / {units.humanize(self._total)}  "
-                               f"{units.humanize(rate)}/s  ETA {eta:.0f}s", err=True)
+                progress.update(sent)
                 yield chunk
 
 
@@ -155,11 +233,15 @@ def _resume_offset(session: requests.Session, url: str, auth: str, wait: float) 
 @click.option("-n", "--namespace", default="default", show_default=True)
 @click.option("--image-path", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--archive-path", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--size", default=None, help="Size of the DataVolume (default: the file's size).")
-@click.option("--no-create", is_flag=True, help="Upload into an existing DataVolume.")
+@click.option("--size", default=None, help="Size of the volume (default: the file's size).")
+@click.option("--no-create", is_flag=True, help="Upload into an existing DataVolume or PVC.")
 @click.option("--storage-class", default=None)
 @click.option("--access-mode", default=None)
 @click.option("--volume-mode", type=click.Choice(["block", "filesystem"]), default=None)
+@click.option("--force-bind", is_flag=True,
+              help="Bind the claim at once, even on a WaitForFirstConsumer storage class.")
+@click.option("--datasource", is_flag=True,
+              help="Also create a DataSource of the same name pointing at the volume.")
 @click.option("--uploadproxy-url", default=None, help="Default: CDIConfig status.uploadProxyURL.")
 @click.option("--insecure", is_flag=True, help="Do not verify the upload proxy's certificate.")
 @click.option("--wait-secs", type=int, default=300, show_default=True)
@@ -170,28 +252,42 @@ def _resume_offset(session: requests.Session, url: str, auth: str, wait: float) 
 def image_upload(client: Client, kind: str, name: str, namespace: str, image_path: Path | None,
                  archive_path: Path | None, size: str | None, no_create: bool,
                  storage_class: str | None, access_mode: str | None, volume_mode: str | None,
-                 uploadproxy_url: str | None, insecure: bool, wait_secs: int,
-                 checksum: str | None, retry: int) -> None:
-    """Upload a disk image (or an archive) into a DataVolume through the upload proxy."""
-    if kind == "pvc":
-        raise CommandError("error: pvc mode is not supported yet; use dv")
+                 force_bind: bool, datasource: bool, uploadproxy_url: str | None,
+                 insecure: bool, wait_secs: int, checksum: str | None, retry: int) -> None:
+    """Upload a disk image (or an archive) into a DataVolume or a PVC through the upload proxy."""
     path = image_path or archive_path
     if path is None or (image_path and archive_path):
         raise CommandError("error: give exactly one of --image-path and --archive-path")
     total = path.stat().st_size
+    what = "DataVolume" if kind == "dv" else "PersistentVolumeClaim"
+    label = "DataVolume" if kind == "dv" else "PVC"
     if not no_create:
-        dv = _datavolume(name, namespace, size or str(units.round_up(total, units.MiB)),
-                         storage_class=storage_class, access_mode=access_mode,
-                         volume_mode=volume_mode, archive=archive_path is not None)
+        storage = _storage(size or str(units.round_up(total, units.MiB)),
+                           storage_class=storage_class, access_mode=access_mode,
+                           volume_mode=volume_mode)
+        build = _datavolume if kind == "dv" else _claim
+        obj = build(name, namespace, storage, archive=archive_path is not None,
+                    force_bind=force_bind)
         try:
-            client.create(BY_KIND["DataVolume"], dv)
+            client.create(BY_KIND[what], obj)
         except StatusError as e:
             if e.code == 409:
-                raise CommandError(f"error: DataVolume {namespace}/{name} already exists "
+                raise CommandError(f"error: {label} {namespace}/{name} already exists "
                                    "(use --no-create to upload into it)") from e
             raise
-        click.echo(f"DataVolume {namespace}/{name} created", err=True)
-    _wait_phase(client, name, namespace, ("UploadReady",), wait_secs)
+        click.echo(f"{label} {namespace}/{name} created", err=True)
+    else:
+        try:
+            client.get(BY_KIND[what], name, namespace)
+        except StatusError as e:
+            if e.code == 404:
+                raise CommandError(f"error: {label} {namespace}/{name} does not exist "
+                                   "(--no-create uploads into an existing one)") from e
+            raise
+    if kind == "dv":
+        _wait_phase(client, name, namespace, ("UploadReady",), wait_secs)
+    else:
+        _wait_claim(client, name, namespace, done=False, timeout=wait_secs)
     config = client.get(BY_KIND["CDIConfig"], "config").get("status", {})
     url = (uploadproxy_url or config.get("uploadProxyURL") or "").rstrip("/")
     if not url:
@@ -219,6 +315,27 @@ def image_upload(client: Client, kind: str, name: str, namespace: str, image_pat
     finally:
         if ca_file:
             Path(ca_file).unlink(missing_ok=True)
-    click.echo("Upload sent; waiting for the DataVolume to process it", err=True)
-    _wait_phase(client, name, namespace, ("Succeeded",), wait_secs)
-    click.echo(f"DataVolume {namespace}/{name} Succeeded")
+    click.echo(f"Upload sent; waiting for the {label} to process it", err=True)
+    if kind == "dv":
+        _wait_phase(client, name, namespace, ("Succeeded",), wait_secs)
+    else:
+        _wait_claim(client, name, namespace, done=True, timeout=wait_secs)
+    if datasource:
+        _create_datasource(client, name, namespace)
+    click.echo(f"{label} {namespace}/{name} Succeeded")
+
+
+def _create_datasource(client: Client, name: str, namespace: str) -> None:
+    """A DataSource named like the volume, pointing at its claim (virtctl's --datasource)."""
+    ds = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataSource",
+          "metadata": {"name": name, "namespace": namespace},
+          "spec": {"source": {"pvc": {"name": name, "namespace": namespace}}}}
+    try:
+        client.create(BY_KIND["DataSource"], ds)
+    except StatusError as e:
+        if e.code != 409:
+            raise
+        client.patch(BY_KIND["DataSource"], name, namespace, {"spec": ds["spec"]})
+        click.echo(f"DataSource {namespace}/{name} updated", err=True)
+        return
+    click.echo(f"DataSource {namespace}/{name} created", err=True)

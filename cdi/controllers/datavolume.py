@@ -26,7 +26,6 @@ from cdi.api import errors as api_errors
 from cdi.backends.port import Obj, ObjectStore
 from cdi.controllers import events, importpod
 from cdi.controllers.runtime import Key, Mapper, Result, TemporaryError, owner_keys
-from importer import space, units
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,7 @@ RUNNING_REASON = A + "storage.condition.running.reason"
 RUNNING_MESSAGE = A + "storage.condition.running.message"
 SUPPORTED = ("http", "blank", "upload")
 UPLOAD_TARGET = A + "storage.upload.target"
+RATE_WINDOW = 1.0  # seconds: the shortest interval a transfer rate is measured over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +111,8 @@ class DataVolumeController:
         self._store = store
         self._upload_tls = upload_tls
         self._session: aiohttp.ClientSession | None = None
-        self._samples: dict[str, tuple[float, int]] = {}  # dv uid -> (time, bytes read)
+        # dv uid -> (time, bytes read) of the last rate sample, and the rate then
+        self._samples: dict[str, tuple[float, int, float | None]] = {}
 
     def watches(self) -> dict[str, Mapper]:
         # A claim and a pod have the DataVolume's name (pods via their claim).
@@ -411,32 +412,8 @@ class DataVolumeController:
             await self._create_scratch(pvc, created, status)
 
     async def _create_scratch(self, pvc: Obj, pod: Obj, config_status: dict[str, Any]) -> None:
-        meta = pvc["metadata"]
-        block = pvc["spec"].get("volumeMode") == "Block"
-        scratch_class = config_status.get("scratchSpaceStorageClass") or \
-            pvc["spec"].get("storageClassName")
-        target_overhead = 0.0 if block else defaults.filesystem_overhead(
-            config_status, pvc["spec"].get("storageClassName"))
-        scratch_overhead = defaults.filesystem_overhead(config_status, scratch_class)
-        request = units.parse_quantity(str(pvc["spec"]["resources"]["requests"]["storage"]))
-        size = units.round_up(space.required(scratch_overhead,
-                                             space.usable(target_overhead, request)), units.MiB)
-        scratch: Obj = {
-            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": {
-                "name": importpod.scratch_name(meta["name"]), "namespace": meta["namespace"],
-                "labels": {"app": "containerized-data-importer",
-                           "velero.io/exclude-from-backup": "true"},
-                "ownerReferences": [{"apiVersion": "v1", "kind": "Pod",
-                                     "name": pod["metadata"]["name"],
-                                     "uid": pod["metadata"]["uid"], "controller": True}],
-            },
-            "spec": {"accessModes": ["ReadWriteOnce"], "volumeMode": "Filesystem",
-                     "resources": {"requests": {"storage": str(size)}},
-                     **({"storageClassName": scratch_class} if scratch_class else {})},
-        }
         try:
-            await self._store.create(scratch)
+            await self._store.create(importpod.scratch_claim(pvc, pod, config_status))
         except api_errors.AlreadyExists:
             pass
         await self._annotate_claim(pvc, {REQUIRES_SCRATCH: "false"})
@@ -451,12 +428,19 @@ class DataVolumeController:
         if sample is None or sample.percent is None:
             return None, None
         now = time.monotonic()
-        prev = self._samples.get(uid)
-        self._samples[uid] = (now, sample.bytes_read)
         transfer: dict[str, Any] = {"bytesRead": sample.bytes_read,
                                     "bytesTotal": sample.bytes_total}
-        if prev is not None and now > prev[0] and sample.bytes_read >= prev[1]:
-            rate = (sample.bytes_read - prev[1]) / (now - prev[0])
+        # The rate is measured over at least RATE_WINDOW seconds: reconciles come in
+        # bursts (every status write wakes the DataVolume again), and two samples a
+        # few milliseconds apart would say 0 bytes/s.
+        prev_time, prev_bytes, rate = self._samples.get(uid, (now, sample.bytes_read, None))
+        if sample.bytes_read < prev_bytes:
+            prev_time, prev_bytes, rate = now, sample.bytes_read, None  # a restarted worker
+        elif now - prev_time >= RATE_WINDOW:
+            rate = (sample.bytes_read - prev_bytes) / (now - prev_time)
+            prev_time, prev_bytes = now, sample.bytes_read
+        self._samples[uid] = (prev_time, prev_bytes, rate)
+        if rate is not None:
             transfer["bytesPerSecond"] = int(rate)
             if rate > 0 and sample.bytes_total > sample.bytes_read:
                 transfer["etaSeconds"] = int((sample.bytes_total - sample.bytes_read) / rate)
@@ -470,6 +454,8 @@ class DataVolumeController:
                           transfer: dict[str, Any] | None = None) -> None:
         old = dv.get("status", {}) or {}
         new = copy.deepcopy(old)
+        if phase in ("Succeeded", "Failed"):
+            self._samples.pop(dv["metadata"]["uid"], None)
         if _RANK.get(phase, 9) < _RANK.get(old.get("phase", ""), 0):
             phase = old["phase"]  # never backwards while importing
         new["phase"] = phase

@@ -17,8 +17,9 @@ from typing import Any
 
 import aiohttp
 
-from cdi.api import pki
+from cdi.api import defaults, pki
 from cdi.backends.port import Obj
+from importer import space, units
 
 ANN = "cdi.kubevirt.io/"
 METRICS_ANNOTATION = "embedded.cdi.kubevirt.io/metrics-address"
@@ -61,6 +62,34 @@ def upload_tls_secret(pvc: Obj, signer: pki.Signer, client_ca_pem: bytes) -> Obj
 
 def scratch_name(pvc_name: str) -> str:
     return f"{pvc_name}-scratch"
+
+
+def scratch_claim(pvc: Obj, pod: Obj, config_status: dict[str, Any]) -> Obj:
+    """The scratch claim of a worker pod: owned by the pod, sized like CDI's."""
+    meta = pvc["metadata"]
+    block = pvc["spec"].get("volumeMode") == "Block"
+    scratch_class = config_status.get("scratchSpaceStorageClass") or \
+        pvc["spec"].get("storageClassName")
+    target_overhead = 0.0 if block else defaults.filesystem_overhead(
+        config_status, pvc["spec"].get("storageClassName"))
+    scratch_overhead = defaults.filesystem_overhead(config_status, scratch_class)
+    request = units.parse_quantity(str(pvc["spec"]["resources"]["requests"]["storage"]))
+    size = units.round_up(space.required(scratch_overhead,
+                                         space.usable(target_overhead, request)), units.MiB)
+    return {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": scratch_name(meta["name"]), "namespace": meta["namespace"],
+            "labels": {"app": "containerized-data-importer",
+                       "velero.io/exclude-from-backup": "true"},
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Pod",
+                                 "name": pod["metadata"]["name"],
+                                 "uid": pod["metadata"]["uid"], "controller": True}],
+        },
+        "spec": {"accessModes": ["ReadWriteOnce"], "volumeMode": "Filesystem",
+                 "resources": {"requests": {"storage": str(size)}},
+                 **({"storageClassName": scratch_class} if scratch_class else {})},
+    }
 
 
 def source_env(dv: Obj) -> list[dict[str, Any]]:
