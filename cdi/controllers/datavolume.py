@@ -38,7 +38,7 @@ IMMEDIATE_BIND = A + "storage.bind.immediate.requested"
 PREALLOCATION_APPLIED = A + "storage.preallocation"
 RUNNING_REASON = A + "storage.condition.running.reason"
 RUNNING_MESSAGE = A + "storage.condition.running.message"
-SUPPORTED = ("http", "blank", "upload")
+SUPPORTED = ("http", "blank", "upload", "registry", "s3")
 UPLOAD_TARGET = A + "storage.upload.target"
 RATE_WINDOW = 1.0  # seconds: the shortest interval a transfer rate is measured over
 
@@ -138,6 +138,13 @@ class DataVolumeController:
             await self._set_status(dv, phase="Pending", bound=NO_PVC, running=(
                 "False", "UnsupportedSource", f"source {what} is not supported yet"))
             return None
+        if source == "registry" and \
+                (dv["spec"]["source"]["registry"] or {}).get("pullMethod") == "node":
+            await self._set_status(dv, phase="Pending", bound=NO_PVC, running=(
+                "False", "UnsupportedSource",
+                "registry pullMethod node is not supported on the embedded backend; "
+                "use pullMethod pod (the default)"))
+            return None
         pvc = await self._get("PersistentVolumeClaim", name, ns)
         if pvc is None:
             if dv.get("status", {}).get("phase") == "Succeeded":
@@ -221,13 +228,22 @@ class DataVolumeController:
                                               "Creating scratch space"))
                 return None
             if result.kind == "succeeded":
+                if result.labels:
+                    # A containerdisk's KUBEVIRT_IO_ variables; labels already set win (CDI).
+                    current = pvc["metadata"].get("labels", {})
+                    new = {k: v for k, v in result.labels.items() if k not in current}
+                    if new:
+                        meta = pvc["metadata"]
+                        await self._store.patch("PersistentVolumeClaim", meta["name"],
+                                                meta["namespace"], {"metadata": {"labels": new}})
                 await self._annotate_claim(pvc, {
                     POD_PHASE: "Succeeded", POD_RESTARTS: str(restarts),
                     RUNNING_REASON: "Completed", RUNNING_MESSAGE: op.complete,
                     PREALLOCATION_APPLIED: "true" if result.preallocation_applied else "false",
                 })
                 return Result(requeue_after=0.01)
-            reason = "ChecksumError" if result.kind == "checksum" else "Error"
+            reason = "ChecksumError" if result.kind == "checksum" else \
+                importpod.failure_reason(result.message)
             await self._annotate_claim(pvc, {
                 FATAL: "true", POD_PHASE: "Failed", POD_RESTARTS: str(restarts),
                 RUNNING_REASON: reason, RUNNING_MESSAGE: result.message,
@@ -276,7 +292,8 @@ class DataVolumeController:
         if last is not None:
             message = importpod.running_message(last.get("message", ""))
             await self._set_status(dv, phase=op.running, bound=bound_cond,
-                                   running=("False", "Error", message), restarts=restarts,
+                                   running=("False", importpod.failure_reason(message), message),
+                                   restarts=restarts,
                                    warn=message)
             return None
         await self._set_status(dv, phase=op.scheduled, bound=bound_cond,
@@ -339,15 +356,16 @@ class DataVolumeController:
         if preallocation is None:
             preallocation = bool(config.get("status", {}).get("preallocation", False))
         annotations = {
-            A + "storage.import.source": "none" if "blank" in spec["source"] else "http",
             **({UPLOAD_TARGET: ""} if "upload" in spec["source"] else {}),
             A + "storage.contentType": spec.get("contentType", "kubevirt") or "kubevirt",
             A + "storage.preallocation.requested": "true" if preallocation else "false",
             A + "createdForDataVolume": meta["uid"],
         }
-        http = spec["source"].get("http")
-        if http:
-            annotations[A + "storage.import.endpoint"] = http["url"]
+        kind = next((k for k in ("http", "registry", "s3", "blank") if k in spec["source"]), None)
+        if kind is not None:
+            annotations[A + "storage.import.source"] = "none" if kind == "blank" else kind
+        if kind in ("http", "registry", "s3"):
+            annotations[A + "storage.import.endpoint"] = spec["source"][kind]["url"]
         # The DataVolume's own annotations pass on, but never over the controller's.
         passed = {k: v for k, v in meta.get("annotations", {}).items()
                   if k.startswith(A) or k in importpod.POD_ANNOTATIONS}
@@ -403,7 +421,9 @@ class DataVolumeController:
                 proxy={"http_proxy": proxy.get("HTTPProxy", ""),
                        "https_proxy": proxy.get("HTTPSProxy", ""),
                        "no_proxy": proxy.get("noProxy", "")},
-                resources=resources)
+                resources=resources,
+                insecure_registries=tuple((config.get("spec") or {}).get("insecureRegistries")
+                                          or ()))
         try:
             created = await self._store.create(pod)
         except api_errors.AlreadyExists:

@@ -92,7 +92,7 @@ def scratch_claim(pvc: Obj, pod: Obj, config_status: dict[str, Any]) -> Obj:
     }
 
 
-def source_env(dv: Obj) -> list[dict[str, Any]]:
+def source_env(dv: Obj, *, insecure_registries: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """The IMPORTER_* variables that describe the DataVolume's source."""
     spec = dv["spec"]
     source = spec.get("source", {})
@@ -100,29 +100,45 @@ def source_env(dv: Obj) -> list[dict[str, Any]]:
     if "blank" in source:
         return [{"name": "IMPORTER_SOURCE", "value": "none"},
                 {"name": "IMPORTER_CONTENTTYPE", "value": content}]
-    http = source["http"]
+    kind = next(k for k in ("http", "registry", "s3") if k in source)
+    src = source[kind]
     env: list[dict[str, Any]] = [
-        {"name": "IMPORTER_SOURCE", "value": "http"},
-        {"name": "IMPORTER_ENDPOINT", "value": http["url"]},
+        {"name": "IMPORTER_SOURCE", "value": kind},
+        {"name": "IMPORTER_ENDPOINT", "value": src["url"]},
         {"name": "IMPORTER_CONTENTTYPE", "value": content},
     ]
-    if http.get("secretRef"):
+    if src.get("secretRef"):
         for var, key in (("IMPORTER_ACCESS_KEY_ID", "accessKeyId"),
                          ("IMPORTER_SECRET_KEY", "secretKey")):
             env.append({"name": var, "valueFrom": {"secretKeyRef": {
-                "name": http["secretRef"], "key": key}}})
-    if http.get("checksum"):
-        env.append({"name": "IMPORTER_CHECKSUM", "value": http["checksum"]})
-    if http.get("insecureSkipVerify"):
+                "name": src["secretRef"], "key": key}}})
+    if src.get("checksum"):
+        env.append({"name": "IMPORTER_CHECKSUM", "value": src["checksum"]})
+    if src.get("insecureSkipVerify"):
         env.append({"name": "INSECURE_TLS", "value": "true"})
-    for i, header in enumerate(http.get("extraHeaders", [])):
+    for i, header in enumerate(src.get("extraHeaders", []) if kind == "http" else []):
         env.append({"name": f"IMPORTER_EXTRA_HEADER_{i}", "value": header})
+    if kind == "registry":
+        if registry_host(src["url"]) in insecure_registries:
+            env.append({"name": "IMPORTER_INSECURE_REGISTRY", "value": "true"})
+        if src.get("platform", {}).get("architecture"):
+            env.append({"name": "IMPORTER_REGISTRY_IMAGE_ARCHITECTURE",
+                        "value": src["platform"]["architecture"]})
     return env
 
 
+def registry_host(url: str) -> str:
+    """``host[:port]`` of a ``docker://`` reference (CDIConfig insecureRegistries entries)."""
+    if not url.startswith("docker://"):
+        return ""
+    first = url[len("docker://"):].split("/", 1)[0]
+    return first if ("." in first or ":" in first or first == "localhost") else "docker.io"
+
+
 def pod_spec(dv: Obj, pvc: Obj, *, block: bool, overhead: float, preallocation: bool,
-             scratch: bool, proxy: dict[str, str], resources: dict[str, Any]) -> Obj:
-    env = source_env(dv) + [
+             scratch: bool, proxy: dict[str, str], resources: dict[str, Any],
+             insecure_registries: tuple[str, ...] = ()) -> Obj:
+    env = source_env(dv, insecure_registries=insecure_registries) + [
         {"name": "IMPORTER_IMAGE_SIZE",
          "value": str(pvc["spec"]["resources"]["requests"]["storage"])},
     ] + [{"name": k, "value": v} for k, v in sorted(proxy.items()) if v]
@@ -202,7 +218,9 @@ def _worker_pod(dv: Obj, pvc: Obj, *, name: str, command: str, env: list[dict[st
             {"name": f"cdi-extra-headers-vol-{i}", "mountPath": f"/extraheaders/{i}"})
     if secret_headers:
         env.append({"name": "IMPORTER_SECRET_EXTRA_HEADERS_DIR", "value": "/extraheaders"})
-    cert_cm = dv["spec"].get("source", {}).get("http", {}).get("certConfigMap")
+    source = dv["spec"].get("source", {})
+    cert_cm = next((source[k].get("certConfigMap") for k in ("http", "registry", "s3")
+                    if k in source), None)
     if cert_cm:
         volumes.append({"name": "cdi-cert-vol", "configMap": {"name": cert_cm}})
         container.setdefault("volumeMounts", []).append(
@@ -230,6 +248,7 @@ class Outcome:
     kind: str  # "succeeded" | "scratch" | "checksum" | "failed"
     message: str
     preallocation_applied: bool = False
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def outcome(message: str) -> Outcome:
@@ -250,8 +269,16 @@ def outcome(message: str) -> Outcome:
         return Outcome("failed", text)
     if not isinstance(data, dict) or "message" not in data:
         return Outcome("failed", f"the importer's termination message is not CDI's: {message}")
+    labels = data.get("labels")
+    labels = labels if isinstance(labels, dict) else {}
     return Outcome("succeeded", text or "Import Complete",
-                   bool(data.get("preallocationApplied")))
+                   bool(data.get("preallocationApplied")),
+                   {str(k): str(v) for k, v in labels.items()})
+
+
+def failure_reason(message: str) -> str:
+    """The Running condition's reason for a failed worker (CDI's ImagePullFailed rule)."""
+    return "ImagePullFailed" if "failed to pull image" in message else "Error"
 
 
 def running_message(message: str) -> str:
