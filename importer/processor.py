@@ -117,21 +117,32 @@ class Processor:
 
     def _convert(self) -> Phase:
         url, fmt = self._source.url(), self._source.image_format()
-        image = qemu_img.info(url, fmt=fmt)
-        qemu_img.validate(image, url=url, available=self._target.capacity)
+        # What the user knows the image as: an HTTP URL, not the NBD socket qemu-img reads.
+        shown = str(getattr(self._source, "display_name", lambda: url)())
+        try:
+            image = qemu_img.info(url, fmt=fmt)
+        except errors.InvalidImage as e:
+            raise errors.InvalidImage(image=shown, reason=e.reason.replace(url, shown)) from e
+        qemu_img.validate(image, url=shown, available=self._target.capacity)
         self._progress.set_phase("convert")
         self._progress.set_total(image.virtual_size)
         if not self._target.is_block:
             self._target.path.unlink(missing_ok=True)
-        qemu_img.convert(
-            url,
-            self._target.path,
-            src_format=fmt,
-            preallocation=self._settings.preallocation,
-            target_exists=self._target.is_block,
-            cache="none" if self._direct_io() else "writeback",
-            progress=self._progress.set_percent,
-        )
+        try:
+            qemu_img.convert(
+                url,
+                self._target.path,
+                src_format=fmt,
+                preallocation=self._settings.preallocation,
+                target_exists=self._target.is_block,
+                cache="none" if self._direct_io() else "writeback",
+                progress=self._progress.set_percent,
+            )
+        except errors.QemuImgError as e:
+            if url == shown:
+                raise
+            raise errors.QemuImgError(command=e.command.replace(url, shown), rc=e.rc,
+                                      stderr=e.stderr.replace(url, shown)) from e
         self.preallocation_applied = self._settings.preallocation
         return Phase.RESIZE
 

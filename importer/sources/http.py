@@ -443,6 +443,10 @@ class HTTPSource:
     def url(self) -> str:
         return self._convert_url
 
+    def display_name(self) -> str:
+        """The image as the user named it (never the NBD socket or a signed query)."""
+        return redact(self._settings.endpoint)
+
     def image_format(self) -> str:
         return self._detected.format
 

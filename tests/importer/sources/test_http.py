@@ -428,6 +428,11 @@ def test_file_changed_under_nbdkit_fails_instead_of_mixing(
     result = import_in_process(vol, IMPORTER_ENDPOINT=http_server.url("disk.qcow2"),
                                IMPORTER_IMAGE_SIZE=SIZE, IMPORTER_RETRIES="1")
     assert result.code == 1, result.message
+    # The message names the image's URL, not the NBD socket qemu-img read it through.
+    assert result.message.startswith(
+        f"Unable to process data: image {http_server.url('disk.qcow2')} is invalid: "), \
+        result.message
+    assert "nbd" not in result.message
     assert not vol.disk.exists()
     by_nbdkit = [r for r in http_server.requests_for("disk.qcow2")
                  if r.headers.get("user-agent") == "cdi-nbdkit-importer"]
