@@ -57,6 +57,8 @@ KINDS: tuple[Kind, ...] = (
     Kind("VolumeSnapshot", "snapshot.storage.k8s.io", "v1", "volumesnapshots", True, ("vs",)),
     Kind("VolumeSnapshotClass", "snapshot.storage.k8s.io", "v1", "volumesnapshotclasses", False,
          ("vsclass", "vsclasses")),
+    Kind("VolumeSnapshotContent", "snapshot.storage.k8s.io", "v1", "volumesnapshotcontents",
+         False, ("vsc", "vscs")),
 )
 BY_KIND = {k.kind: k for k in KINDS}
 

@@ -29,6 +29,7 @@ from cdi.api import tokens, validation
 from cdi.apiserver.app import create_app
 from cdi.backends.embedded import certs, storage
 from cdi.backends.embedded.podrunner import PodRunner
+from cdi.backends.embedded.snapshots import SnapshotController
 from cdi.backends.embedded.store import SQLiteStore
 from cdi.backends.embedded.uploads import EmbeddedResolver
 from cdi.cli import config
@@ -61,14 +62,14 @@ def api_token(data_dir: Path) -> tuple[str, Path]:
 
 async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | None,
                 restart_backoff: float, max_workers: int | None,
-                upload_proxy_port: int = 0) -> None:
+                upload_proxy_port: int = 0, reflink_root: Path | None = None) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o700)
     token, token_file = api_token(data_dir)
     store = SQLiteStore(data_dir / "state.db")
     await store.open()
-    volumes = storage.Volumes(data_dir)
-    await storage.ensure_classes(store, storage.load_classes(data_dir))
+    volumes = storage.Volumes(data_dir, reflink_root)
+    await storage.ensure_classes(store, storage.load_classes(data_dir, volumes))
     # The upload proxy: HTTPS with our own CA, tokens signed with our own key.
     key_file = data_dir / "upload-token.key"
     tokens.generate_key(key_file)
@@ -121,6 +122,8 @@ async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | N
     click.echo(f"cdi serve: listening on {url}, data in {data_dir}", err=True)
 
     tasks = [asyncio.create_task(run_guarded("provisioner", provisioner.run())),
+             asyncio.create_task(run_guarded("snapshots",
+                                             SnapshotController(store, volumes).run())),
              asyncio.create_task(run_guarded("podrunner", runner.run()))]
     await runtime.start()
     stop = asyncio.Event()
@@ -175,10 +178,13 @@ def _is_loopback(host: str) -> bool:
               help="Port of the upload proxy (HTTPS, same host as --address; 0 picks one).")
 @click.option("--max-workers", type=int, default=None,
               help="Workers running at once (default: twice the CPUs, at least 4).")
+@click.option("--reflink-root", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Where local-reflink volumes and snapshots live (default: <data-dir>/reflink);"
+                   " the class exists only if this filesystem shares extents (XFS, btrfs).")
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 def serve_command(data_dir: Path | None, address: str, tls_cert: Path | None,
                   tls_key: Path | None, restart_backoff: float, upload_proxy_port: int,
-                  max_workers: int | None, verbose: bool) -> None:
+                  max_workers: int | None, reflink_root: Path | None, verbose: bool) -> None:
     """Run the embedded control plane: REST API, controllers, volumes and workers."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -187,4 +193,4 @@ def serve_command(data_dir: Path | None, address: str, tls_cert: Path | None,
     tls = _tls(host, tls_cert, tls_key)
     asyncio.run(serve(data_dir or default_data_dir(), host, int(port or 0), tls=tls,
                       restart_backoff=restart_backoff, max_workers=max_workers,
-                      upload_proxy_port=upload_proxy_port))
+                      upload_proxy_port=upload_proxy_port, reflink_root=reflink_root))

@@ -22,8 +22,9 @@ from cdi.api.kinds import lookup
 class Server:
     """`cdi serve` on 127.0.0.1 with its own data dir and config home."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *args: str) -> None:
         self.root = root
+        self.args = args
         self.data_dir = root / "data"
         self.env = dict(os.environ)
         self.env.update({"XDG_CONFIG_HOME": str(root / "config"),
@@ -39,7 +40,7 @@ class Server:
         log = (self.root / "serve.log").open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cdi.cli.main", "serve", "--address", "127.0.0.1:0",
-             "--restart-backoff", "0.2"],
+             "--restart-backoff", "0.2", *self.args],
             env=self.env, stdout=log, stderr=log)
         log.close()
         deadline = time.monotonic() + 30
