@@ -17,16 +17,22 @@ from typing import Any
 
 from cdi.api import errors
 from cdi.backends.port import Obj, ObjectStore
+from cdi.controllers.clone import snapshotclass
 from cdi.controllers.runtime import Key, Mapper, Result
 
 log = logging.getLogger(__name__)
 
 LOCAL_PROVISIONER = "cdi.kubevirt.io/local"
+REFLINK_PROVISIONER = "cdi.kubevirt.io/local-reflink"
+_RWO_BOTH = [{"accessModes": ["ReadWriteOnce"], "volumeMode": "Filesystem"},
+             {"accessModes": ["ReadWriteOnce"], "volumeMode": "Block"}]
 # What we know of provisioners: claim property sets and advised clone strategy.
 CAPABILITIES: dict[str, tuple[list[dict[str, Any]], str]] = {
-    LOCAL_PROVISIONER: ([{"accessModes": ["ReadWriteOnce"], "volumeMode": "Filesystem"},
-                         {"accessModes": ["ReadWriteOnce"], "volumeMode": "Block"}], "copy"),
+    LOCAL_PROVISIONER: (_RWO_BOTH, "copy"),
+    # Reflink clones need no snapshot object: a CSI clone is the shortest way.
+    REFLINK_PROVISIONER: (_RWO_BOTH, "csi-clone"),
 }
+STRATEGIES = ("copy", "snapshot", "csi-clone")
 CLONE_STRATEGY_ANNOTATION = "cdi.kubevirt.io/clone-strategy"
 DEFAULT_OVERHEAD = "0.06"
 DEFAULT_RESOURCES = {"limits": {"cpu": "750m", "memory": "600M"},
@@ -39,13 +45,15 @@ class StorageProfileController:
 
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
+        self._provisioners: dict[str, str] = {}  # storage class -> provisioner, as last seen
 
     def watches(self) -> dict[str, Mapper]:
         return {"StorageClass": lambda sc: [("", sc["metadata"]["name"])],
-                "VolumeSnapshotClass": self._all_classes}
+                "VolumeSnapshotClass": self._classes_of_driver}
 
-    def _all_classes(self, _obj: Obj) -> list[Key]:
-        return []  # snapshot classes matter once reflink classes exist (issue 6)
+    def _classes_of_driver(self, vsc: Obj) -> list[Key]:
+        """A snapshot class changes the strategy and snapshot class of its driver's profiles."""
+        return [("", name) for name, p in self._provisioners.items() if p == vsc.get("driver")]
 
     async def reconcile(self, key: Key) -> Result | None:
         name = key[1]
@@ -65,10 +73,21 @@ class StorageProfileController:
                 "metadata": {"name": name}, "spec": {}})
         spec = profile.get("spec") or {}
         provisioner = sc.get("provisioner", "")
+        self._provisioners[name] = provisioner
         known_sets, advised = CAPABILITIES.get(provisioner, ([], ""))
+        snapshot_classes = (await self._store.list("VolumeSnapshotClass")).items
+        try:
+            chosen = snapshotclass.select(provisioner, spec.get("snapshotClass"),
+                                          snapshot_classes)
+        except snapshotclass.ClassNotFound:
+            chosen = None
+        annotated = sc.get("metadata", {}).get("annotations", {}).get(CLONE_STRATEGY_ANNOTATION)
+        # CDI's order: the profile, the class's annotation (an unknown value counts as
+        # unset), what is known of the provisioner, else snapshot if the driver has a
+        # snapshot class, else copy.
         strategy = (spec.get("cloneStrategy")
-                    or sc.get("metadata", {}).get("annotations", {}).get(CLONE_STRATEGY_ANNOTATION)
-                    or advised or "copy")
+                    or (annotated if annotated in STRATEGIES else "")
+                    or advised or ("snapshot" if chosen else "copy"))
         status: dict[str, Any] = {
             "storageClass": name,
             "provisioner": provisioner,
@@ -76,7 +95,9 @@ class StorageProfileController:
             "cloneStrategy": strategy,
             "dataImportCronSourceFormat": spec.get("dataImportCronSourceFormat") or "pvc",
         }
-        if spec.get("snapshotClass"):
+        if chosen is not None:
+            status["snapshotClass"] = chosen.name
+        elif spec.get("snapshotClass"):
             status["snapshotClass"] = spec["snapshotClass"]
         recognized = provisioner in CAPABILITIES
         status["conditions"] = [{

@@ -84,6 +84,12 @@ def test_snapshot_restore_and_clone_share_extents(reflink_server: Server, mode: 
     assert classes["local-reflink"]["provisioner"] == "cdi.kubevirt.io/local-reflink"
     vsc = server.get("volumesnapshotclass", "local-reflink", namespace="")
     assert vsc["driver"] == "cdi.kubevirt.io/local-reflink"
+    profile = server.wait_for("storageprofile", "local-reflink",
+                              lambda o: "snapshotClass" in o.get("status", {}), namespace="")
+    assert (profile["status"]["cloneStrategy"], profile["status"]["snapshotClass"]) == (
+        "csi-clone", "local-reflink")
+    plain = server.get("storageprofile", "local", namespace="")["status"]
+    assert (plain["cloneStrategy"], "snapshotClass" in plain) == ("copy", False)
 
     assert server.create(_claim("src", "256Mi", mode=mode)).status_code == 201
     pvc = _bound(server, "src")
