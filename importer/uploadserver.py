@@ -71,6 +71,10 @@ A POST needs ``Content-Length`` or ``Transfer-Encoding: chunked`` (else 411).
 An optional ``X-Checksum: <md5|sha1|sha256|sha512>:<hex>`` is checked over the
 uploaded file's bytes (the body, or the form's ``file`` part).
 ``Expect: 100-continue`` is honoured: a refused upload is answered before its body.
+Otherwise a refused upload is answered after reading at most 16 MiB of its body, and
+the connection is then closed gracefully (our side first, then what the client still
+sends is read and dropped for up to 5 s), so a client still sending gets the answer,
+not a connection reset.
 
 Status codes (``text/plain`` unless noted):
 

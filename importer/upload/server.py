@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = 600.0  # seconds a connection may send nothing before it is dropped
 HANDSHAKE_TIMEOUT = 30.0
+# Lingering close: after the answer, what the client still sends is read and dropped until
+# it closes, is quiet for CLOSE_LINGER_IDLE seconds, or CLOSE_LINGER_SECONDS have passed.
+CLOSE_LINGER_SECONDS = 5.0
+CLOSE_LINGER_IDLE = 1.0
 OFFSET_PATH = "/v1beta1/upload-offset"
 
 _KINDS: tuple[tuple[str, Kind], ...] = (
@@ -260,6 +264,39 @@ class UploadServer(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("HTTP handler failed client=%s", client_address[0])
+
+    def shutdown_request(self, request: Any) -> None:
+        """End the connection without resetting it under a client that is still sending.
+
+        A refused upload is answered after at most DRAIN_LIMIT bytes of its body were
+        read.  Closing a socket with unread data sends a TCP reset, and a client still
+        writing its body (the upload proxy, whose event loop gives up on the connection
+        at the first failed write) then loses the answer: it sees a reset, the proxy a
+        502, instead of the 400 or 503.  So, like Go's net/http and nginx, close in two
+        steps: end our side (FIN), then read and drop what the client still sends until
+        it closes (a client that got the answer stops), is quiet for CLOSE_LINGER_IDLE
+        seconds, or CLOSE_LINGER_SECONDS have passed.
+        """
+        try:
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # already gone (or never connected)
+        else:
+            _linger(request)
+        self.close_request(request)
+
+
+def _linger(sock: socket.socket) -> None:
+    """Read and drop what the peer sends until it closes, goes quiet, or time is up."""
+    buf = bytearray(64 * 1024)
+    deadline = time.monotonic() + CLOSE_LINGER_SECONDS
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(min(left, CLOSE_LINGER_IDLE))
+            if not sock.recv_into(buf):
+                return
+    except OSError:  # quiet (timeout), reset, or closed
+        return
 
 
 def serve(config: UploadConfig) -> tuple[int, str]:

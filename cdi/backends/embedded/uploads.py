@@ -26,12 +26,13 @@ class EmbeddedResolver:
         try:
             claim = await self._store.get("PersistentVolumeClaim", pvc, namespace)
         except errors.NotFound:
-            raise NotUploadTarget(f"PVC {pvc} not found") from None
+            raise NotUploadTarget(
+                f"rejecting Upload Request for PVC {pvc} that doesn't exist") from None
         annotations = claim["metadata"].get("annotations", {})
         if UPLOAD_TARGET not in annotations:
             raise NotUploadTarget(f"PVC {pvc} is not an upload target")
         if annotations.get(POD_PHASE) == "Succeeded":
-            raise NotUploadTarget(f"PVC {pvc} upload is already complete")
+            raise NotUploadTarget(f"PVC {pvc} already finished uploading")
         try:
             pod = await self._store.get("Pod", f"cdi-upload-{pvc}", namespace)
         except errors.NotFound:
