@@ -132,10 +132,12 @@ class _Progress:
         if now - self._last < (0.2 if self._tty else 1.0) and not final:
             return
         self._last = now
-        rate = (sent - self._start) / max(now - self._started, 1e-6)
-        eta = (self._total - sent) / rate if rate else 0
-        text = (f"{units.humanize(sent)} / {units.humanize(self._total)}  "
-                f"{units.humanize(rate)}/s  ETA {eta:.0f}s")
+        elapsed = now - self._started
+        text = f"{units.humanize(sent)} / {units.humanize(self._total)}"
+        if elapsed >= 0.5:  # a rate over a few milliseconds says nothing
+            rate = (sent - self._start) / elapsed
+            eta = (self._total - sent) / rate if rate else 0
+            text += f"  {units.humanize(rate)}/s  ETA {eta:.0f}s"
         if not self._tty:
             click.echo(f"  {text}", err=True)
             return

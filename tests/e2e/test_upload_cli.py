@@ -150,7 +150,7 @@ def test_progress_bar_on_a_terminal_and_lines_otherwise(server: Server, raw: Pat
     assert p.returncode == 0, p.stderr
     lines = p.stderr.splitlines()
     assert "\r" not in p.stderr and "[#" not in p.stderr
-    assert any(line.startswith("  32.0 MiB / 32.0 MiB  ") for line in lines), lines
+    assert any(line.startswith("  32.0 MiB / 32.0 MiB") for line in lines), lines
 
 
 class _SlowBody:
