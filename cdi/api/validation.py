@@ -53,11 +53,23 @@ _QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 def validate(obj: dict[str, Any], old: dict[str, Any] | None = None) -> None:
     """Raise ``errors.Invalid`` if CDI would refuse ``obj`` (replacing ``old`` on update).
 
-    Kinds without admission rules pass.
+    Kinds without admission rules pass.  Like CDI's mutating webhook, a clone
+    source without a namespace gets the DataVolume's (``obj`` is changed).
     """
+    if obj.get("kind") == "DataVolume":
+        _default_source_namespace(obj)
     rule = _RULES.get(str(obj.get("kind") or ""))
     if rule is not None:
         rule(obj, old)
+
+
+def _default_source_namespace(obj: dict[str, Any]) -> None:
+    """CDI's mutating webhook: a clone source without a namespace is in the DataVolume's."""
+    source = (obj.get("spec") or {}).get("source") or {}
+    for kind in ("pvc", "snapshot"):
+        ref = source.get(kind)
+        if isinstance(ref, dict) and ref.get("name") and not ref.get("namespace"):
+            ref["namespace"] = (obj.get("metadata") or {}).get("namespace") or "default"
 
 
 # --- DataVolume ------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from cdi.backends.embedded.snapshots import SnapshotController
 from cdi.backends.embedded.store import SQLiteStore
 from cdi.backends.embedded.uploads import EmbeddedResolver
 from cdi.cli import config
+from cdi.controllers.clone.controller import CloneController
 from cdi.controllers.datavolume import DataVolumeController, UploadTLS
 from cdi.controllers.runtime import Runtime, run_guarded
 from cdi.controllers.storageprofile import CDIConfigController, StorageProfileController
@@ -95,7 +96,9 @@ async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | N
                            client_ca_pem=upload_pki.client_signer.cert_pem)
     datavolumes = DataVolumeController(store, upload_tls=upload_tls)
     runtime = Runtime(store)
-    for controller in (datavolumes, UploadClaimController(store, upload_tls=upload_tls),
+    clones = CloneController(store, upload_tls=upload_tls,
+                             client_signer=upload_pki.client_signer)
+    for controller in (datavolumes, clones, UploadClaimController(store, upload_tls=upload_tls),
                        StorageProfileController(store), cdiconfig):
         runtime.add(controller)
 
@@ -139,6 +142,7 @@ async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | N
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await datavolumes.close()
+        await clones.close()
         await web_runner.cleanup()
         await proxy_runner.cleanup()
         await store.close()

@@ -39,6 +39,7 @@ PREALLOCATION_APPLIED = A + "storage.preallocation"
 RUNNING_REASON = A + "storage.condition.running.reason"
 RUNNING_MESSAGE = A + "storage.condition.running.message"
 SUPPORTED = ("http", "blank", "upload", "registry", "s3")
+CLONE_SOURCES = ("pvc",)  # the clone controller's (cdi/controllers/clone)
 UPLOAD_TARGET = A + "storage.upload.target"
 RATE_WINDOW = 1.0  # seconds: the shortest interval a transfer rate is measured over
 
@@ -79,7 +80,9 @@ NO_PVC = ("False", "NotFound", "No PVC found")
 # Phases only move forward while an import runs (a second pod for scratch space
 # does not take a DataVolume back to ImportScheduled).
 _RANK = {"": 0, "Pending": 0, "WaitForFirstConsumer": 0, "PVCBound": 1, "ImportScheduled": 2,
-         "ImportInProgress": 3, "UploadScheduled": 2, "UploadReady": 3}
+         "ImportInProgress": 3, "UploadScheduled": 2, "UploadReady": 3, "CloneScheduled": 2,
+         "SnapshotForSmartCloneInProgress": 2, "CSICloneInProgress": 3,
+         "CloneFromSnapshotSourceInProgress": 3, "CloneInProgress": 3}
 # Event reason and message for entering a phase, as CDI words them.
 _PHASE_EVENTS = {
     "Pending": ("Pending", "PVC {pvc} Pending"),
@@ -88,6 +91,13 @@ _PHASE_EVENTS = {
     "ImportInProgress": ("ImportInProgress", "Import into {pvc} in progress"),
     "UploadScheduled": ("UploadScheduled", "Upload into {pvc} scheduled"),
     "UploadReady": ("UploadReady", "Upload into {pvc} ready"),
+    "CloneScheduled": ("CloneScheduled", "Cloning into {pvc} scheduled"),
+    "CloneInProgress": ("CloneInProgress", "Cloning into {pvc} in progress"),
+    "SnapshotForSmartCloneInProgress": ("SnapshotForSmartCloneInProgress",
+                                        "Creating snapshot for smart-clone is in progress"),
+    "CSICloneInProgress": ("CSICloneInProgress", "CSI Volume clone in progress"),
+    "CloneFromSnapshotSourceInProgress": ("CloneFromSnapshotSourceInProgress",
+                                          "Clone from snapshot source is in progress"),
     "Succeeded": ("ImportSucceeded", "Successfully imported into PVC {pvc}"),
     "Failed": ("ImportFailed", "Failed to import into PVC {pvc}"),
     "Unknown": ("Unknown", "PVC {pvc} is in an unknown phase"),
@@ -133,6 +143,8 @@ class DataVolumeController:
         if dv["metadata"].get("deletionTimestamp"):
             return None
         source = next(iter(dv["spec"].get("source", {}) or {}), None)
+        if source in CLONE_SOURCES:
+            return None
         if source not in SUPPORTED:
             what = source or ("sourceRef" if dv["spec"].get("sourceRef") else "none")
             await self._set_status(dv, phase="Pending", bound=NO_PVC, running=(
@@ -440,11 +452,13 @@ class DataVolumeController:
 
     # -- status -----------------------------------------------------------------
 
-    async def _progress(self, dv: Obj, pod: Obj) -> tuple[str | None, dict[str, Any] | None]:
+    async def _progress(self, dv: Obj, pod: Obj, *,
+                        metric: str = "kubevirt_cdi_import_progress_total"
+                        ) -> tuple[str | None, dict[str, Any] | None]:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         uid = dv["metadata"]["uid"]
-        sample = await importpod.scrape(pod, uid, self._session)
+        sample = await importpod.scrape(pod, uid, self._session, metric=metric)
         if sample is None or sample.percent is None:
             return None, None
         now = time.monotonic()
@@ -488,7 +502,7 @@ class DataVolumeController:
         new.setdefault("restartCount", 0)
         if transfer is not None:
             new["transfer"] = transfer  # beyond CDI: bytes, rate and ETA (docs/control-plane.md)
-        elif phase not in ("ImportInProgress", "UploadReady"):
+        elif phase not in ("ImportInProgress", "UploadReady", "CloneInProgress"):
             new.pop("transfer", None)
         conditions = {c["type"]: c for c in new.get("conditions", [])}
         ready = ("True", "", "") if phase == "Succeeded" else ("False", "", "")
@@ -515,7 +529,9 @@ class DataVolumeController:
         updated["status"] = new
         await self._store.replace_status(updated)
         pvc_name = new["claimName"]
-        if old.get("phase") != phase and phase in _PHASE_EVENTS:
+        clone = "pvc" in (dv["spec"].get("source") or {})
+        if old.get("phase") != phase and phase in _PHASE_EVENTS and \
+                not (clone and phase == "Succeeded"):  # the clone controller says CloneSucceeded
             reason, message = _PHASE_EVENTS[phase]
             if phase == "Succeeded" and _op(dv) is UPLOAD:
                 reason, message = "UploadSucceeded", "Successfully uploaded into {pvc}"

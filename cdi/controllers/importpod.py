@@ -148,14 +148,15 @@ def pod_spec(dv: Obj, pvc: Obj, *, block: bool, overhead: float, preallocation: 
 
 
 def upload_pod_spec(dv: Obj, pvc: Obj, *, block: bool, overhead: float, preallocation: bool,
-                    resources: dict[str, Any], tls_secret: str | None = None) -> Obj:
+                    resources: dict[str, Any], tls_secret: str | None = None,
+                    scratch: bool = True) -> Obj:
     """The upload server pod (``cdi-upload-<claim>``): it listens for one upload."""
     env = [{"name": "UPLOAD_IMAGE_SIZE",
             "value": str(pvc["spec"]["resources"]["requests"]["storage"])},
            {"name": "LISTEN_PORT", "value": "8443"}]
     pod = _worker_pod(dv, pvc, name=upload_pod_name(pvc["metadata"]["name"]),
                       command="cdi-uploadserver", env=env, block=block, overhead=overhead,
-                      preallocation=preallocation, scratch=True, resources=resources,
+                      preallocation=preallocation, scratch=scratch, resources=resources,
                       component="cdi-upload-server")
     container = pod["spec"]["containers"][0]
     if tls_secret:
@@ -295,7 +296,8 @@ class Sample:
     bytes_total: int
 
 
-async def scrape(pod: Obj, owner_uid: str, session: aiohttp.ClientSession) -> Sample | None:
+async def scrape(pod: Obj, owner_uid: str, session: aiohttp.ClientSession, *,
+                 metric: str = "kubevirt_cdi_import_progress_total") -> Sample | None:
     """Read a running worker's progress metrics; None if it cannot be reached now."""
     address = pod["metadata"].get("annotations", {}).get(METRICS_ANNOTATION)
     url = f"http://{address}/metrics" if address else None
@@ -316,6 +318,6 @@ async def scrape(pod: Obj, owner_uid: str, session: aiohttp.ClientSession) -> Sa
                       text, re.M)
         return float(m.group(1)) if m else None
 
-    percent = value("kubevirt_cdi_import_progress_total")
+    percent = value(metric)
     return Sample(percent, int(value("kubevirt_cdi_import_bytes_read") or 0),
                   int(value("kubevirt_cdi_import_bytes_expected") or 0))

@@ -40,10 +40,12 @@ MOUNT_ENV = {
     "/scratch": "IMPORTER_SCRATCH_DIR",
     "/certs": "IMPORTER_CERT_DIR",
     "/proxycerts/": "IMPORTER_PROXY_CERT_DIR",
+    "/var/run/cdi/clone/source": "CLONE_SOURCE_DIR",
 }
 DEVICE_ENV = {"/dev/cdi-block-volume": "IMPORTER_BLOCK_PATH"}
 COMMANDS = {"cdi-importer": [sys.executable, "-m", "importer"],
-            "cdi-uploadserver": [sys.executable, "-m", "importer.uploadserver"]}
+            "cdi-uploadserver": [sys.executable, "-m", "importer.uploadserver"],
+            "cdi-clone-source": [sys.executable, "-m", "importer.clonesource"]}
 UPLOAD_ANNOTATION = "embedded.cdi.kubevirt.io/upload-address"
 STOP_GRACE = 10.0
 CONFIG_RETRY = 0.5  # seconds between looks for a missing Secret or ConfigMap

@@ -271,8 +271,8 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
     "vddk without url": ({"source": {"vddk": {**VDDK, "url": ""}}, **STORAGE},
                          "spec.source source URL is empty"),
     # clone sources
-    "pvc clone without namespace": ({"source": {"pvc": {"name": "b"}}, "storage": {}},
-                                    "spec.source.PVC source PVC is not valid"),
+    "pvc clone without name": ({"source": {"pvc": {"namespace": "a"}}, "storage": {}},
+                               "spec.source.PVC source PVC is not valid"),
     "snapshot clone without name": ({"source": {"snapshot": {"namespace": "a"}}, "storage": {}},
                                     "spec.source.Snapshot source snapshot is not valid"),
 }
@@ -521,3 +521,13 @@ def test_cdi_resource_overhead() -> None:
     cdi["spec"]["config"]["filesystemOverhead"]["global"] = "6%"
     path = "spec.config.filesystemOverhead.global"
     assert rejected(cdi) == f'{path}: Invalid value: "6%": {path} in body should match {PATTERN}'
+
+
+def test_clone_source_namespace_defaults_to_the_datavolumes() -> None:
+    """CDI's mutating webhook fills it in before validation."""
+    dv = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+          "metadata": {"name": "x", "namespace": "team"},
+          "spec": {"source": {"pvc": {"name": "golden"}},
+                   "storage": {"resources": {"requests": {"storage": "1Gi"}}}}}
+    validation.validate(dv)
+    assert dv["spec"]["source"]["pvc"] == {"name": "golden", "namespace": "team"}

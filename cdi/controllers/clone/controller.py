@@ -1,0 +1,467 @@
+"""DataVolumes with ``source.pvc``: a clone, by snapshot, CSI clone or host-assisted copy.
+
+The strategy is ``strategy.for_pvc``'s (written to the target claim as
+``cloneType`` and, after a fallback, ``cloneFallbackReason``).  Then:
+
+- ``csi-clone``: the target claim names the source in ``dataSource``; the
+  storage (the reflink class here, a CSI driver on a cluster) makes it a copy.
+  Phase CSICloneInProgress until the claim binds.
+- ``snapshot``: a VolumeSnapshot ``tmp-snapshot-<dv uid>`` of the source
+  (SnapshotForSmartCloneInProgress), then the target claim restored from it
+  (CloneFromSnapshotSourceInProgress); the snapshot is removed once bound.
+- ``copy``: an upload server in clone mode on the target (CloneScheduled), then
+  a clone source worker ``<dv uid>-source-pod`` on the source that sends its
+  allocated extents over mutual TLS (CloneInProgress), as in CDI's
+  host-assisted clone.  The source must not be in use by another pod
+  (CloneSourceInUse).
+
+Snapshot and CSI clones need the source and target in one namespace on the
+embedded backend (CDI rebinds volumes through populators across namespaces);
+a clone across namespaces is copied, with that reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy as copy_mod
+import logging
+from typing import Any
+
+from cdi.api import defaults, pki
+from cdi.api import errors as api_errors
+from cdi.backends.port import Obj, ObjectStore
+from cdi.controllers import events, importpod
+from cdi.controllers.clone import strategy
+from cdi.controllers.datavolume import (
+    FATAL,
+    NO_PVC,
+    POD_PHASE,
+    RUNNING_MESSAGE,
+    RUNNING_REASON,
+    DataVolumeController,
+    UploadTLS,
+)
+from cdi.controllers.runtime import Key, Mapper, Result, owner_keys
+
+log = logging.getLogger(__name__)
+
+A = importpod.ANN
+CLONE_REQUEST = "k8s.io/CloneRequest"
+CLONE_OF = "k8s.io/CloneOf"
+SOURCE_MOUNT = "/var/run/cdi/clone/source"
+CROSS_NAMESPACE = "CrossNamespace"
+MESSAGE_CROSS_NAMESPACE = ("Snapshot and CSI clones across namespaces are copied on the "
+                           "embedded backend")
+POLL = 1.0
+
+
+def source_pod_name(dv: Obj) -> str:
+    return f"{dv['metadata']['uid']}-source-pod"
+
+
+def snapshot_name(dv: Obj) -> str:
+    return f"tmp-snapshot-{dv['metadata']['uid']}"
+
+
+def client_name(source_ns: str, source: str, target_ns: str, target: str) -> str:
+    """The identity the clone-mode upload server requires of its client (CDI's form)."""
+    return f"{source_ns}/{source}-{target_ns}/{target}"
+
+
+def _dv_keys(obj: Obj) -> list[Key]:
+    """Objects of a clone carry the DataVolume's namespace and name in labels."""
+    labels = obj.get("metadata", {}).get("labels", {})
+    if "cdi.kubevirt.io/clone-for" in labels:
+        ns, _, name = labels["cdi.kubevirt.io/clone-for"].partition(".")
+        return [(ns, name)]
+    return list(owner_keys("DataVolume")(obj))
+
+
+class CloneController(DataVolumeController):
+    name = "clone"
+    kind = "DataVolume"
+
+    def __init__(self, store: ObjectStore, *, upload_tls: UploadTLS | None = None,
+                 client_signer: pki.Signer | None = None) -> None:
+        super().__init__(store, upload_tls=upload_tls)
+        self._client_signer = client_signer
+
+    def watches(self) -> dict[str, Mapper]:
+        return {"PersistentVolumeClaim": _dv_keys, "Pod": self._pod_keys,
+                "VolumeSnapshot": _dv_keys}
+
+    def _pod_keys(self, pod: Obj) -> list[Key]:
+        keys = _dv_keys(pod)
+        for ns, claim in owner_keys("PersistentVolumeClaim")(pod):
+            keys.append((ns, claim))  # the target's upload pod: claim and DataVolume share names
+        return keys
+
+    async def reconcile(self, key: Key) -> Result | None:
+        ns, name = key
+        dv = await self._get("DataVolume", name, ns)
+        if dv is None or dv["metadata"].get("deletionTimestamp"):
+            return None
+        source = (dv["spec"].get("source") or {}).get("pvc")
+        if source is None:
+            return None
+        phase = (dv.get("status") or {}).get("phase", "")
+        if phase in ("Succeeded", "Failed"):
+            return None
+        src_ns, src_name = source.get("namespace") or ns, source["name"]
+        target = await self._get("PersistentVolumeClaim", name, ns)
+        if target is None:
+            return await self._start(dv, src_ns, src_name)
+        if not any(r.get("uid") == dv["metadata"]["uid"]
+                   for r in target["metadata"].get("ownerReferences", [])):
+            await self._set_status(dv, phase="Pending", bound=(
+                "False", "ErrResourceExists",
+                f'Resource "{name}" already exists and is not managed by DataVolume'))
+            return None
+        kind = target["metadata"].get("annotations", {}).get(strategy.ANN_CLONE_TYPE, "copy")
+        bound = target.get("status", {}).get("phase") == "Bound"
+        bound_cond = (("True", "Bound", f"PVC {name} Bound") if bound
+                      else ("False", "Pending", f"PVC {name} Pending"))
+        if kind in ("csi-clone", "snapshot"):
+            if not bound:
+                error = target["metadata"].get("annotations", {}).get(
+                    "embedded.cdi.kubevirt.io/provisioning-error", "")
+                await self._set_status(dv, phase="CSICloneInProgress" if kind == "csi-clone"
+                                       else "CloneFromSnapshotSourceInProgress",
+                                       bound=bound_cond,
+                                       running=("False", "Pending" if not error else "Error",
+                                                error))
+                return Result(requeue_after=POLL)
+            if kind == "snapshot":
+                await self._delete("VolumeSnapshot", snapshot_name(dv), src_ns)
+            return await self._succeeded(dv, target, src_ns, src_name, bound_cond)
+        return await self._copy(dv, target, src_ns, src_name, bound_cond)
+
+    # -- deciding ------------------------------------------------------------------
+
+    async def _start(self, dv: Obj, src_ns: str, src_name: str) -> Result | None:
+        ns, name = dv["metadata"]["namespace"], dv["metadata"]["name"]
+        src = await self._get("PersistentVolumeClaim", src_name, src_ns)
+        snap = await self._get("VolumeSnapshot", snapshot_name(dv), src_ns)
+        if snap is not None:  # the snapshot strategy was chosen: restore when it is ready
+            if not (snap.get("status") or {}).get("readyToUse"):
+                await self._set_status(dv, phase="SnapshotForSmartCloneInProgress", bound=NO_PVC)
+                return Result(requeue_after=POLL)
+            await self._create_target(dv, src, {strategy.ANN_CLONE_TYPE: "snapshot"}, {
+                "apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot",
+                "name": snapshot_name(dv)})
+            return Result(requeue_after=0.01)
+        spec = await self._target_spec(dv, src)
+        if spec is None:
+            return Result(requeue_after=strategy.Wait.REQUEUE_AFTER)
+        decision, why = await self._decide(dv, src, src_name, spec)
+        if decision is None:
+            return why
+        annotations = strategy.claim_annotations(decision)
+        if decision.strategy != "copy" and src_ns != ns:
+            decision = strategy.Decision("copy", None, CROSS_NAMESPACE, MESSAGE_CROSS_NAMESPACE,
+                                         (strategy.Event("Warning", CROSS_NAMESPACE,
+                                                         MESSAGE_CROSS_NAMESPACE),))
+            annotations = strategy.claim_annotations(decision)
+        for e in decision.events:
+            await events.emit(self._store, dv, reason=e.reason, message=e.message, type_=e.type)
+        if decision.strategy == "snapshot":
+            assert src is not None
+            await self._store.create({
+                "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+                "metadata": {"name": snapshot_name(dv), "namespace": src_ns,
+                             "labels": {"cdi.kubevirt.io/clone-for": f"{ns}.{name}"}},
+                "spec": {"source": {"persistentVolumeClaimName": src_name},
+                         "volumeSnapshotClassName": decision.snapshot_class}})
+            await self._set_status(dv, phase="SnapshotForSmartCloneInProgress", bound=NO_PVC)
+            return Result(requeue_after=POLL)
+        data_source = ({"kind": "PersistentVolumeClaim", "name": src_name}
+                       if decision.strategy == "csi-clone" else None)
+        if decision.strategy == "copy":
+            annotations[CLONE_REQUEST] = f"{src_ns}/{src_name}"
+        await self._create_target(dv, src, annotations, data_source)
+        await self._set_status(dv, phase="CloneScheduled" if decision.strategy == "copy"
+                               else "CSICloneInProgress",
+                               bound=("False", "Pending", f"PVC {name} Pending"))
+        return Result(requeue_after=0.01)
+
+    async def _target_spec(self, dv: Obj, src: Obj | None) -> Obj | None:
+        """The target claim's spec; an empty size is the source's."""
+        dv = copy_mod.deepcopy(dv)
+        spec = dv["spec"]
+        storage = spec.get("storage") if spec.get("storage") is not None else spec.get("pvc")
+        requests = (storage or {}).setdefault("resources", {}).setdefault("requests", {})
+        if not requests.get("storage"):
+            if src is None:
+                return {"storageClassName": (storage or {}).get("storageClassName"),
+                        "resources": {"requests": {}}}
+            requests["storage"] = (src.get("status", {}).get("capacity", {}).get("storage")
+                                   or src["spec"]["resources"]["requests"]["storage"])
+        sc_name = (storage or {}).get("storageClassName")
+        sc = await self._get("StorageClass", sc_name, "") if sc_name else \
+            await self._default_class()
+        profile = await self._get("StorageProfile", sc["metadata"]["name"], "") if sc else None
+        config = await self._config()
+        overhead = defaults.filesystem_overhead(config.get("status", {}),
+                                                sc["metadata"]["name"] if sc else None)
+        try:
+            rendered: Obj = defaults.render_pvc_spec(dv, storage_class=sc, profile=profile,
+                                                     overhead=overhead)
+        except api_errors.APIError as e:
+            await self._set_status(dv, phase="Pending", bound=("False", "ErrClaimNotValid",
+                                                               e.message), warn=e.message)
+            return None
+        if sc is not None:
+            rendered.setdefault("storageClassName", sc["metadata"]["name"])
+        return rendered
+
+    async def _decide(self, dv: Obj, src: Obj | None, src_name: str, spec: Obj
+                      ) -> tuple[strategy.Decision | None, Result | None]:
+        target_sc = await self._get("StorageClass", spec["storageClassName"], "") \
+            if spec.get("storageClassName") else None
+        source_volume = await self._get("PersistentVolume", src["spec"]["volumeName"], "") \
+            if src is not None and src["spec"].get("volumeName") else None
+        source_sc = await self._get("StorageClass", src["spec"]["storageClassName"], "") \
+            if src is not None and src["spec"].get("storageClassName") else None
+        profiles = {}
+        for sc in (source_sc, target_sc):
+            if sc is not None:
+                profiles[sc["metadata"]["name"]] = await self._get(
+                    "StorageProfile", sc["metadata"]["name"], "")
+        try:
+            decision = strategy.for_pvc(
+                source_name=src_name, source=src, target=spec, target_class=target_sc,
+                source_volume=source_volume, source_class=source_sc,
+                source_profile=profiles.get(source_sc["metadata"]["name"]) if source_sc else None,
+                target_profile=profiles.get(target_sc["metadata"]["name"]) if target_sc else None,
+                target_content_type=dv["spec"].get("contentType") or "kubevirt",
+                snapshot_classes=(await self._store.list("VolumeSnapshotClass")).items,
+                cdi_config=await self._config(),
+                permissive=A + "permissiveClone" in dv["metadata"].get("annotations", {}))
+        except strategy.NoDecision as e:
+            old = {c["type"]: c for c in (dv.get("status") or {}).get("conditions", [])}
+            if old.get("Running", {}).get("message") != e.message:
+                for ev in e.events:
+                    await events.emit(self._store, dv, reason=ev.reason, message=ev.message,
+                                      type_=ev.type)
+            await self._set_status(dv, phase="Pending", bound=NO_PVC,
+                                   running=("False", e.reason, e.message))
+            return None, Result(requeue_after=strategy.Wait.REQUEUE_AFTER)
+        return decision, None
+
+    async def _create_target(self, dv: Obj, src: Obj | None, annotations: dict[str, str],
+                             data_source: Obj | None) -> None:
+        meta = dv["metadata"]
+        spec = await self._target_spec(dv, src)
+        if spec is None:
+            return
+        if data_source is not None:
+            spec["dataSource"] = data_source
+        passed = {k: v for k, v in meta.get("annotations", {}).items()
+                  if k.startswith(A) or k in importpod.POD_ANNOTATIONS}
+        pvc: Obj = {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {
+                "name": meta["name"], "namespace": meta["namespace"],
+                "labels": {"app": "containerized-data-importer", **meta.get("labels", {})},
+                "annotations": {**passed, **annotations,
+                                A + "storage.contentType":
+                                    dv["spec"].get("contentType") or "kubevirt",
+                                A + "createdForDataVolume": meta["uid"]},
+                "ownerReferences": [{"apiVersion": dv["apiVersion"], "kind": "DataVolume",
+                                     "name": meta["name"], "uid": meta["uid"],
+                                     "controller": True, "blockOwnerDeletion": True}],
+            },
+            "spec": spec,
+        }
+        try:
+            await self._store.create(pvc)
+        except api_errors.AlreadyExists:
+            pass
+
+    # -- host-assisted copy ------------------------------------------------------------
+
+    async def _copy(self, dv: Obj, target: Obj, src_ns: str, src_name: str,
+                    bound_cond: tuple[str, str, str]) -> Result | None:
+        ns, name = target["metadata"]["namespace"], target["metadata"]["name"]
+        ann = target["metadata"].get("annotations", {})
+        if ann.get(POD_PHASE) == "Succeeded":
+            await self._cleanup(dv, target, src_ns)
+            return await self._succeeded(dv, target, src_ns, src_name, bound_cond)
+        if ann.get(FATAL) == "true":
+            await self._cleanup(dv, target, src_ns)
+            await self._set_status(dv, phase="Failed", bound=bound_cond, running=(
+                "False", ann.get(RUNNING_REASON, "Error"), ann.get(RUNNING_MESSAGE, "")))
+            return None
+        src = await self._get("PersistentVolumeClaim", src_name, src_ns)
+        if src is None or src.get("status", {}).get("phase") != "Bound":
+            message = f"The source pvc {src_name} doesn't exist" if src is None else \
+                f"The source pvc {src_name} is not bound"
+            await self._set_status(dv, phase="CloneScheduled", bound=bound_cond,
+                                   running=("False", "CloneWithoutSource", message))
+            return Result(requeue_after=POLL)
+        upload = await self._get("Pod", importpod.upload_pod_name(name), ns)
+        if upload is None:
+            users = await self._pods_using(src_ns, src_name, exclude=source_pod_name(dv))
+            if users:
+                message = f"pvc {src_name} is used by pods {', '.join(users)}"
+                await self._set_status(dv, phase="CloneScheduled", bound=bound_cond,
+                                       running=("False", "CloneSourceInUse", message),
+                                       warn=message, warn_reason="CloneSourceInUse")
+                return Result(requeue_after=POLL)
+            await self._create_upload_pod(dv, target, src_ns, src_name)
+            await self._set_status(dv, phase="CloneScheduled", bound=bound_cond,
+                                   running=("False", "Pending", "Clone pod scheduled"))
+            return None
+        status = upload.get("status", {})
+        if status.get("phase") in ("Succeeded", "Failed"):
+            cs = (status.get("containerStatuses") or [{}])[0]
+            message = cs.get("state", {}).get("terminated", {}).get("message", "")
+            result = importpod.outcome(message) if status["phase"] == "Succeeded" else \
+                importpod.Outcome("failed", message)
+            if result.kind == "succeeded":
+                await self._annotate_claim(target, {POD_PHASE: "Succeeded", CLONE_OF: "true"})
+            else:
+                await self._annotate_claim(target, {FATAL: "true", POD_PHASE: "Failed",
+                                                    RUNNING_REASON: "Error",
+                                                    RUNNING_MESSAGE: result.message})
+            return Result(requeue_after=0.01)
+        address = upload["metadata"].get("annotations", {}).get(
+            "embedded.cdi.kubevirt.io/upload-address")
+        ready = {c.get("type"): c for c in status.get("conditions", [])}.get("Ready", {})
+        if not address or ready.get("status") != "True":
+            return Result(requeue_after=0.2)
+        source_pod = await self._get("Pod", source_pod_name(dv), src_ns)
+        if source_pod is None:
+            await self._create_source_pod(dv, target, src, address)
+            return Result(requeue_after=0.2)
+        progress, transfer = await self._clone_progress(dv, source_pod)
+        restarts = int(((source_pod.get("status") or {}).get("containerStatuses") or [{}])[0]
+                       .get("restartCount", 0))
+        last = (((source_pod.get("status") or {}).get("containerStatuses") or [{}])[0]
+                .get("lastState", {}).get("terminated"))
+        running = ("True", "Pod is running", "") if last is None else \
+            ("False", "Error", importpod.running_message(last.get("message", "")))
+        await self._set_status(dv, phase="CloneInProgress", bound=bound_cond, running=running,
+                               progress=progress, transfer=transfer, restarts=restarts)
+        return Result(requeue_after=1.0)
+
+    async def _pods_using(self, ns: str, claim: str, *, exclude: str) -> list[str]:
+        users = []
+        for pod in (await self._store.list("Pod", ns)).items:
+            if pod["metadata"]["name"] == exclude or \
+                    pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+                continue
+            if any((v.get("persistentVolumeClaim") or {}).get("claimName") == claim
+                   for v in pod["spec"].get("volumes", [])):
+                users.append(pod["metadata"]["name"])
+        return sorted(users)
+
+    async def _create_upload_pod(self, dv: Obj, target: Obj, src_ns: str, src_name: str) -> None:
+        config = (await self._config()).get("status", {})
+        block = target["spec"].get("volumeMode") == "Block"
+        overhead = 0.0 if block else defaults.filesystem_overhead(
+            config, target["spec"].get("storageClassName"))
+        tls_secret = None
+        meta = target["metadata"]
+        if self._upload_tls is not None:
+            secret = importpod.upload_tls_secret(target, self._upload_tls.signer,
+                                                 self._upload_tls.client_ca_pem)
+            tls_secret = secret["metadata"]["name"]
+            try:
+                await self._store.create(secret)
+            except api_errors.AlreadyExists:
+                pass
+        pod = importpod.upload_pod_spec(
+            dv, target, block=block, overhead=overhead,
+            preallocation=bool(dv["spec"].get("preallocation",
+                                               config.get("preallocation", False))),
+            resources=config.get("defaultPodResourceRequirements", {}), tls_secret=tls_secret,
+            scratch=False)
+        container = pod["spec"]["containers"][0]
+        container["env"] = [e for e in container["env"] if e["name"] != "CLIENT_NAME"] + [
+            {"name": "UPLOAD_CLONE", "value": "true"},
+            {"name": "CLIENT_NAME", "value": client_name(src_ns, src_name, meta["namespace"],
+                                                         meta["name"])}]
+        try:
+            await self._store.create(pod)
+        except api_errors.AlreadyExists:
+            pass
+
+    async def _create_source_pod(self, dv: Obj, target: Obj, src: Obj, address: str) -> None:
+        src_meta, meta = src["metadata"], target["metadata"]
+        name = source_pod_name(dv)
+        env: list[dict[str, Any]] = [
+            {"name": "UPLOAD_URL", "value": f"https://{address}/v1beta1/upload"},
+            {"name": "OWNER_UID", "value": dv["metadata"]["uid"]},
+        ]
+        volumes: list[Obj] = [{"name": "cdi-clone-source", "persistentVolumeClaim": {
+            "claimName": src_meta["name"], "readOnly": True}}]
+        container: Obj = {"name": "cdi-clone-source", "image": "cdi-clone-source",
+                          "command": ["cdi-clone-source"], "env": env,
+                          "ports": [{"name": "metrics", "containerPort": 8443}],
+                          "terminationMessagePolicy": "FallbackToLogsOnError"}
+        if src["spec"].get("volumeMode") == "Block":
+            container["volumeDevices"] = [{"name": "cdi-clone-source",
+                                           "devicePath": "/dev/cdi-block-volume"}]
+        else:
+            container["volumeMounts"] = [{"name": "cdi-clone-source", "mountPath": SOURCE_MOUNT,
+                                          "readOnly": True}]
+        if self._client_signer is not None and self._upload_tls is not None:
+            issued = self._client_signer.issue(
+                client_name(src_meta["namespace"], src_meta["name"], meta["namespace"],
+                            meta["name"]), client=True)
+            secret: Obj = {
+                "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                "metadata": {"name": name, "namespace": src_meta["namespace"],
+                             "labels": {"cdi.kubevirt.io/clone-for":
+                                        f"{meta['namespace']}.{meta['name']}"}},
+                "data": {"tls.crt": base64.b64encode(issued.cert_pem).decode(),
+                         "tls.key": base64.b64encode(issued.key_pem).decode(),
+                         "ca.crt": base64.b64encode(self._upload_tls.signer.cert_pem).decode()}}
+            try:
+                await self._store.create(secret)
+            except api_errors.AlreadyExists:
+                pass
+            volumes.append({"name": "tls-secret", "secret": {"secretName": name}})
+            container.setdefault("volumeMounts", []).append(
+                {"name": "tls-secret", "mountPath": "/etc/tls/clone", "readOnly": True})
+            env += [{"name": "CLIENT_CERT_FILE", "value": "/etc/tls/clone/tls.crt"},
+                    {"name": "CLIENT_KEY_FILE", "value": "/etc/tls/clone/tls.key"},
+                    {"name": "SERVER_CA_FILE", "value": "/etc/tls/clone/ca.crt"}]
+        pod: Obj = {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": src_meta["namespace"],
+                         "labels": {"app": "containerized-data-importer",
+                                    "cdi.kubevirt.io": "cdi-clone-source",
+                                    "cdi.kubevirt.io/clone-for":
+                                        f"{meta['namespace']}.{meta['name']}"}},
+            "spec": {"restartPolicy": "OnFailure", "containers": [container],
+                     "volumes": volumes},
+        }
+        try:
+            await self._store.create(pod)
+        except api_errors.AlreadyExists:
+            pass
+
+    async def _clone_progress(self, dv: Obj, pod: Obj
+                              ) -> tuple[str | None, dict[str, Any] | None]:
+        return await self._progress(dv, pod, metric="kubevirt_cdi_clone_progress_total")
+
+    async def _cleanup(self, dv: Obj, target: Obj, src_ns: str) -> None:
+        ns, name = target["metadata"]["namespace"], target["metadata"]["name"]
+        await self._delete("Pod", source_pod_name(dv), src_ns)
+        await self._delete("Secret", source_pod_name(dv), src_ns)
+        await self._delete("Pod", importpod.upload_pod_name(name), ns)
+        await self._delete("Secret", importpod.upload_pod_name(name), ns)
+
+    async def _succeeded(self, dv: Obj, target: Obj, src_ns: str, src_name: str,
+                         bound_cond: tuple[str, str, str]) -> Result | None:
+        ns, name = target["metadata"]["namespace"], target["metadata"]["name"]
+        old = (dv.get("status") or {}).get("phase")
+        await self._set_status(dv, phase="Succeeded", progress="100.0%", bound=bound_cond,
+                               running=("False", "Completed", "Clone Complete"))
+        if old != "Succeeded":
+            await events.emit(self._store, dv, reason="CloneSucceeded",
+                              message=f"Successfully cloned from {src_ns}/{src_name} into "
+                                      f"{ns}/{name}")
+        return None

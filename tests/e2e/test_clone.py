@@ -1,0 +1,193 @@
+"""DataVolume clones end to end through `cdi serve`: every strategy, its phase,
+annotations and events, and content equal to the source."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from importer import qemu_img
+from tests.e2e.conftest import Server, condition, phase
+from tests.e2e.test_datavolume import volume_of
+from tests.support import images, xfs
+
+MiB = 1 << 20
+A = "cdi.kubevirt.io/"
+
+
+@pytest.fixture
+def reflink_server(tmp_path: Path) -> Iterator[Server]:
+    with xfs.xfs(tmp_path / "fs") as mnt:
+        s = Server(tmp_path / "serve", "--reflink-root", str(mnt)).start()
+        try:
+            yield s
+        finally:
+            s.session.close()
+            s.stop()
+
+
+def _source(server: Server, tmp_path: Path, name: str, *, cls: str, mode: str = "Filesystem",
+            namespace: str = "default") -> Path:
+    """An uploaded source volume (a sparse raw with a few extents); returns the raw file."""
+    raw = images.make_raw(tmp_path / f"{name}.raw", virtual_size=64 * MiB,
+                          extents=[(0, MiB), (40 * MiB, 3 * MiB)], seed=len(name))
+    p = server.cli("image-upload", "dv", name, "-n", namespace, "--image-path", str(raw),
+                   "--size", "64Mi", "--storage-class", cls, "--volume-mode", mode.lower())
+    assert p.returncode == 0, p.stderr
+    return raw
+
+
+def _clone(name: str, source: str, *, cls: str, size: str | None = "64Mi",
+           mode: str | None = None, namespace: str = "default",
+           source_namespace: str | None = None) -> dict[str, Any]:
+    storage: dict[str, Any] = {"storageClassName": cls}
+    if size:
+        storage["resources"] = {"requests": {"storage": size}}
+    if mode:
+        storage["volumeMode"] = mode
+    src: dict[str, Any] = {"name": source}
+    if source_namespace:
+        src["namespace"] = source_namespace
+    return {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"source": {"pvc": src}, "storage": storage}}
+
+
+def _events(server: Server, name: str, namespace: str = "default") -> list[tuple[str, str]]:
+    items = server.session.get(server.url + f"/api/v1/namespaces/{namespace}/events",
+                               timeout=10).json()["items"]
+    return [(e["reason"], e["message"]) for e in items if e["involvedObject"]["name"] == name]
+
+
+def _phases(server: Server, name: str, timeout: float = 90,
+            namespace: str = "default") -> list[str]:
+    """The phases the DataVolume goes through until it Succeeds."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = server.session.get(server.path("dv", name, namespace), timeout=10)
+        if r.status_code == 200:
+            ph = phase(r.json())
+            if ph and (not seen or seen[-1] != ph):
+                seen.append(ph)
+            if ph in ("Succeeded", "Failed"):
+                return seen
+        time.sleep(0.05)
+    raise AssertionError(f"{name} did not finish; phases {seen}\n{server.log()}")
+
+
+@pytest.mark.parametrize(("strategy", "middle"), [
+    ("csi-clone", "CSICloneInProgress"),
+    ("snapshot", "SnapshotForSmartCloneInProgress"),
+])
+def test_reflink_clones(reflink_server: Server, tmp_path: Path, strategy: str,
+                        middle: str) -> None:
+    server = reflink_server
+    raw = _source(server, tmp_path, "golden", cls="local-reflink")
+    r = server.session.patch(server.path("storageprofile", "local-reflink", ""), timeout=10,
+                             json={"spec": {"cloneStrategy": strategy}},
+                             headers={"Content-Type": "application/merge-patch+json"})
+    assert r.status_code == 200, r.text
+    server.wait_for("storageprofile", "local-reflink",
+                    lambda o: o["status"]["cloneStrategy"] == strategy, namespace="")
+    assert server.create(_clone("copy1", "golden", cls="local-reflink")).status_code == 201
+    seen = _phases(server, "copy1")
+    assert seen[-1] == "Succeeded", seen
+    # Phases can pass faster than a poll: the events record each one.
+    assert middle in [r for r, _ in _events(server, "copy1")]
+    pvc = server.get("pvc", "copy1")
+    assert pvc["metadata"]["annotations"][A + "cloneType"] == strategy
+    assert A + "cloneFallbackReason" not in pvc["metadata"]["annotations"]
+    assert qemu_img.compare(str(raw), str(volume_of(server, "copy1")))
+    dv = server.get("dv", "copy1")
+    assert (condition(dv, "Running")["reason"], condition(dv, "Running")["message"]) == (
+        "Completed", "Clone Complete")
+    assert ("CloneSucceeded", "Successfully cloned from default/golden into default/copy1") \
+        in _events(server, "copy1")
+    if strategy == "snapshot":
+        assert ("VolumeSnapshotClassSelected",
+                "VolumeSnapshotClass selected according to StorageProfile local-reflink") in \
+            _events(server, "copy1")
+        snaps = server.session.get(server.path("volumesnapshot", None), timeout=10).json()
+        assert snaps["items"] == [], "the temporary snapshot is removed"
+
+
+def test_snapshot_strategy_on_a_class_without_snapshots_falls_back(server: Server,
+                                                                   tmp_path: Path) -> None:
+    raw = _source(server, tmp_path, "plain", cls="local")
+    r = server.session.patch(server.path("storageprofile", "local", ""), timeout=10,
+                             json={"spec": {"cloneStrategy": "snapshot"}},
+                             headers={"Content-Type": "application/merge-patch+json"})
+    assert r.status_code == 200, r.text
+    server.wait_for("storageprofile", "local",
+                    lambda o: o["status"]["cloneStrategy"] == "snapshot", namespace="")
+    assert server.create(_clone("fell", "plain", cls="local")).status_code == 201
+    seen = _phases(server, "fell")
+    assert seen[-1] == "Succeeded", seen
+    assert "CloneScheduled" in [r for r, _ in _events(server, "fell")]
+    ann = server.get("pvc", "fell")["metadata"]["annotations"]
+    assert (ann[A + "cloneType"], ann[A + "cloneFallbackReason"]) == (
+        "copy", "No compatible volumesnapshotclass found")
+    assert ("NoVolumeSnapshotClass", "No compatible volumesnapshotclass found") in \
+        _events(server, "fell")
+    assert qemu_img.compare(str(raw), str(volume_of(server, "fell")))
+
+
+def test_target_smaller_than_source_is_refused(server: Server, tmp_path: Path) -> None:
+    _source(server, tmp_path, "big", cls="local")
+    assert server.create(_clone("small", "big", cls="local", size="16Mi")).status_code == 201
+    dv = server.wait_for("dv", "small",
+                         lambda o: condition(o, "Running").get("reason") == "ErrIncompatiblePVC")
+    assert phase(dv) == "Pending"
+    message = condition(dv, "Running")["message"]
+    assert message.startswith("target resources requests storage size is smaller than the "
+                              "source "), message
+    reasons = [r for r, _ in _events(server, "small")]
+    assert "ErrIncompatiblePVC" in reasons and "CloneValidationFailed" in reasons
+    missing = _clone("orphan", "nothere", cls="local")
+    assert server.create(missing).status_code == 201
+    dv = server.wait_for("dv", "orphan",
+                         lambda o: condition(o, "Running").get("reason") == "CloneWithoutSource")
+    assert condition(dv, "Running")["message"] == "The source pvc nothere doesn't exist"
+
+
+@pytest.mark.parametrize(("src_mode", "dst_mode"), [
+    ("Filesystem", "Filesystem"), ("Filesystem", "Block"), ("Block", "Filesystem"),
+])
+def test_host_assisted_copy(server: Server, tmp_path: Path, src_mode: str,
+                            dst_mode: str) -> None:
+    raw = _source(server, tmp_path, "src", cls="local", mode=src_mode)
+    dv = _clone("dst", "src", cls="local", size=None, mode=dst_mode)
+    assert server.create(dv).status_code == 201
+    seen = _phases(server, "dst")
+    assert seen[-1] == "Succeeded", seen
+    reasons = [r for r, _ in _events(server, "dst")]
+    assert "CloneScheduled" in reasons and "CloneInProgress" in reasons, reasons
+    assert qemu_img.compare(str(raw), str(volume_of(server, "dst")))
+    ann = server.get("pvc", "dst")["metadata"]["annotations"]
+    assert (ann[A + "cloneType"], ann["k8s.io/CloneRequest"]) == ("copy", "default/src")
+    # The workers are gone.
+    for pod in ("cdi-upload-dst", f"{server.get('dv', 'dst')['metadata']['uid']}-source-pod"):
+        deadline = time.monotonic() + 20
+        while server.session.get(server.path("pod", pod), timeout=10).status_code != 404:
+            assert time.monotonic() < deadline, pod
+            time.sleep(0.1)
+
+
+def test_clone_across_namespaces_is_copied(reflink_server: Server, tmp_path: Path) -> None:
+    server = reflink_server
+    ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "golden-images"}}
+    assert server.create(ns).status_code in (201, 409)
+    raw = _source(server, tmp_path, "fedora", cls="local-reflink", namespace="golden-images")
+    dv = _clone("mine", "fedora", cls="local-reflink", source_namespace="golden-images")
+    assert server.create(dv).status_code == 201
+    seen = _phases(server, "mine")
+    assert seen[-1] == "Succeeded", seen
+    ann = server.get("pvc", "mine")["metadata"]["annotations"]
+    assert (ann[A + "cloneType"], ann[A + "cloneFallbackReason"]) == (
+        "copy", "Snapshot and CSI clones across namespaces are copied on the embedded backend")
+    assert qemu_img.compare(str(raw), str(volume_of(server, "mine")))
