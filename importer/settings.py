@@ -81,6 +81,7 @@ class Settings:
     # HTTP or unverified TLS).
     registry_architecture: str = ""
     insecure_registry: bool = False
+    docker_config: Path | None = None  # a .dockerconfigjson file (a pull secret's key)
 
     @property
     def target_file(self) -> Path:
@@ -164,7 +165,16 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         metrics_address_file=_path(get("IMPORTER_METRICS_ADDRESS_FILE")),
         registry_architecture=get("IMPORTER_REGISTRY_IMAGE_ARCHITECTURE") or "",
         insecure_registry=_bool("IMPORTER_INSECURE_REGISTRY", get("IMPORTER_INSECURE_REGISTRY")),
+        docker_config=_docker_config(get("IMPORTER_DOCKER_CONFIG")),
     )
+
+
+def _docker_config(value: str | None) -> Path | None:
+    """The pull secret's ``.dockerconfigjson``; a secret without that key mounts no file."""
+    if value is None:
+        return None
+    path = Path(value)
+    return path if path.is_file() else None
 
 
 def _bool(name: str, value: str | None) -> bool:

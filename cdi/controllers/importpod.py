@@ -25,6 +25,7 @@ ANN = "cdi.kubevirt.io/"
 METRICS_ANNOTATION = "embedded.cdi.kubevirt.io/metrics-address"
 SCRAPE_TIMEOUT = 2.0
 TLS_DIR = "/etc/tls"
+DOCKER_CONFIG_DIR = "/docker-config"
 # Running-condition messages CDI turns into "DataVolume too small to contain image".
 _TOO_SMALL = ("is larger than the reported available", "no space left on device",
               "file largest block is bigger than maxblock", "disk quota exceeded")
@@ -110,8 +111,13 @@ def source_env(dv: Obj, *, insecure_registries: tuple[str, ...] = ()) -> list[di
     if src.get("secretRef"):
         for var, key in (("IMPORTER_ACCESS_KEY_ID", "accessKeyId"),
                          ("IMPORTER_SECRET_KEY", "secretKey")):
-            env.append({"name": var, "valueFrom": {"secretKeyRef": {
-                "name": src["secretRef"], "key": key}}})
+            ref: dict[str, Any] = {"name": src["secretRef"], "key": key}
+            if kind == "registry":
+                ref["optional"] = True  # a pull secret may hold a .dockerconfigjson instead
+            env.append({"name": var, "valueFrom": {"secretKeyRef": ref}})
+        if kind == "registry":
+            env.append({"name": "IMPORTER_DOCKER_CONFIG",
+                        "value": f"{DOCKER_CONFIG_DIR}/.dockerconfigjson"})
     if src.get("checksum"):
         env.append({"name": "IMPORTER_CHECKSUM", "value": src["checksum"]})
     if src.get("insecureSkipVerify"):
@@ -220,6 +226,12 @@ def _worker_pod(dv: Obj, pvc: Obj, *, name: str, command: str, env: list[dict[st
     if secret_headers:
         env.append({"name": "IMPORTER_SECRET_EXTRA_HEADERS_DIR", "value": "/extraheaders"})
     source = dv["spec"].get("source", {})
+    pull_secret = (source.get("registry") or {}).get("secretRef")
+    if pull_secret:
+        volumes.append({"name": "cdi-docker-config",
+                        "secret": {"secretName": pull_secret, "optional": True}})
+        container.setdefault("volumeMounts", []).append(
+            {"name": "cdi-docker-config", "mountPath": DOCKER_CONFIG_DIR, "readOnly": True})
     cert_cm = next((source[k].get("certConfigMap") for k in ("http", "registry", "s3")
                     if k in source), None)
     if cert_cm:

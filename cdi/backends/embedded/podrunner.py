@@ -221,6 +221,8 @@ class PodRunner:
                 await self._materialize_config_map(ns, v["configMap"]["name"], d / v["name"])
         secrets = {v["name"]: v["secret"]["secretName"]
                    for v in pod["spec"].get("volumes", []) if "secret" in v}
+        optional = {v["name"] for v in pod["spec"].get("volumes", [])
+                    if "secret" in v and v["secret"].get("optional")}
         for m in container.get("volumeMounts", []):
             if m["name"] in secrets and m["mountPath"].startswith("/extraheaders/"):
                 # Secret extra headers: /extraheaders/<i> in the pod, a private dir here.
@@ -231,7 +233,8 @@ class PodRunner:
                 # Any other Secret volume (an upload server's /etc/tls): a private dir
                 # here, and env values naming files under the mount point follow it.
                 target = d / "secrets" / m["name"]
-                await self._materialize_secret(ns, secrets[m["name"]], target)
+                await self._materialize_secret(ns, secrets[m["name"]], target,
+                                               optional=m["name"] in optional)
                 prefix = m["mountPath"].rstrip("/") + "/"
                 for e in container.get("env", []):
                     value = env.get(e["name"], "")
@@ -263,12 +266,16 @@ class PodRunner:
         try:
             secret = await self._store.get("Secret", ref["name"], namespace)
         except errors.NotFound:
+            if ref.get("optional"):
+                return ""
             raise _ConfigMissing(f'secret "{ref["name"]}" not found') from None
         data = secret.get("data", {})
         if ref["key"] in data:
             return base64.b64decode(data[ref["key"]]).decode()
         if ref["key"] in secret.get("stringData", {}):
             return str(secret["stringData"][ref["key"]])
+        if ref.get("optional"):
+            return ""
         raise _ConfigMissing(f'couldn\'t find key {ref["key"]} in Secret {namespace}/{ref["name"]}')
 
     async def _materialize_config_map(self, namespace: str, name: str, target: Path) -> None:
@@ -282,15 +289,18 @@ class PodRunner:
                 continue
             (target / key).write_text(str(value))
 
-    async def _materialize_secret(self, namespace: str, name: str, target: Path) -> None:
+    async def _materialize_secret(self, namespace: str, name: str, target: Path, *,
+                                  optional: bool = False) -> None:
+        target.mkdir(parents=True, exist_ok=True)
+        target.chmod(0o700)
         try:
             secret = await self._store.get("Secret", name, namespace)
         except errors.NotFound:
+            if optional:
+                return  # an optional Secret that does not exist mounts an empty dir
             raise _ConfigMissing(f'secret "{name}" not found') from None
-        target.mkdir(parents=True, exist_ok=True)
-        target.chmod(0o700)
         for key, value in secret.get("data", {}).items():
-            if "/" in key or key.startswith("."):
+            if "/" in key or key in (".", ".."):  # dot files are files, like a kubelet's
                 continue
             path = target / key
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
