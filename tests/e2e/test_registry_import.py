@@ -89,7 +89,8 @@ def test_import_over_tls_with_credentials_and_labels(server: Server, tls_registr
     (certs / "ca.crt").write_text(Path(tls_files.ca_cert).read_text())
     ref = f"docker://{tls_registry.ref('golden/fedora', 'v1')}"
     digest = _push(server, qcow2, ref, "--username", "alice", "--password-stdin",
-                   "--cert-dir", str(certs), "--env", "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_PREFERENCE=fedora",
+                   "--cert-dir", str(certs),
+                   "--env", "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_PREFERENCE=fedora",
                    password="s3cret")
     assert digest.startswith("sha256:")
     _ca_config_map(server, tls_files)
