@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from importer import qemu_img
+from importer import containerdisk, qemu_img
 from tests.e2e.conftest import Server, condition, phase
 from tests.e2e.test_datavolume import volume_of
 from tests.support import images
@@ -181,3 +181,55 @@ def test_a_corrupted_blob_never_succeeds(server: Server, plain_registry: Registr
                          timeout=60)
     assert phase(dv) != "Succeeded"
     assert "failed to pull image" in condition(dv, "Running")["message"]
+
+
+def _allow(server: Server, reg: Registry) -> None:
+    r = server.session.patch(server.path("cdiconfig", "config", ""), timeout=10,
+                             json={"spec": {"insecureRegistries": [reg.host]}},
+                             headers={"Content-Type": "application/merge-patch+json"})
+    assert r.status_code == 200, r.text
+
+
+def _push_images(reg: Registry, repo: str, imgs: list[containerdisk.Image]) -> None:
+    pusher = containerdisk.Pusher(reg.ref(repo), insecure=True)
+    try:
+        pusher.push(imgs)
+    finally:
+        pusher.close()
+
+
+def test_layer_rules_and_architectures(server: Server, plain_registry: Registry, disk: Path,
+                                       tmp_path: Path) -> None:
+    """Multi-arch index, two layers with a disk each (the base one wins, as in CDI), a
+    gzipped disk file in an uncompressed layer, and an image with no disk."""
+    work = tmp_path / "work"
+    work.mkdir()
+    other = images.make_raw(tmp_path / "other.raw", virtual_size=48 * MiB,
+                            extents=[(MiB, MiB)], seed=5)
+    gz = images.compress(disk, "gz")
+
+    def img(*disks: Path, arch: str | None = None, compression: str = "gzip"
+            ) -> containerdisk.Image:
+        layers = [containerdisk.layer(work, containerdisk.disk_entries(d),
+                                      compression=compression) for d in disks]
+        return containerdisk.image(layers, architecture=arch)
+
+    _push_images(plain_registry, "multi/arch", [img(other, arch="arm64"), img(disk)])
+    _push_images(plain_registry, "two/layers", [img(disk, other)])
+    _push_images(plain_registry, "gz/inside", [img(gz, compression="none")])
+    _push_images(plain_registry, "no/disk", [containerdisk.image([containerdisk.layer(
+        work, containerdisk.files_entries({"etc/motd": b"hello\n"}))])])
+    _allow(server, plain_registry)
+    for name, repo in (("multi", "multi/arch"), ("layers", "two/layers"),
+                       ("gzinside", "gz/inside"), ("nodisk", "no/disk")):
+        url = f"docker://{plain_registry.ref(repo)}"
+        assert server.create(_dv(name, url)).status_code == 201
+    for name in ("multi", "layers", "gzinside"):
+        dv = server.wait_for("dv", name, lambda o: phase(o) in ("Succeeded", "Failed"),
+                             timeout=90)
+        assert phase(dv) == "Succeeded", (name, dv["status"])
+        assert qemu_img.compare(str(disk), str(volume_of(server, name))), name
+    dv = server.wait_for("dv", "nodisk",
+                         lambda o: "Failed to find VM disk image file in the container image"
+                         in condition(o, "Running").get("message", ""), timeout=60)
+    assert phase(dv) != "Succeeded"
