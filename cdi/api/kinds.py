@@ -36,6 +36,7 @@ class Kind:
 
 
 CDI = "cdi.kubevirt.io"
+RBAC = "rbac.authorization.k8s.io"
 KINDS: tuple[Kind, ...] = (
     Kind("DataVolume", CDI, "v1beta1", "datavolumes", True, ("dv", "dvs")),
     Kind("DataSource", CDI, "v1beta1", "datasources", True, ("das",)),
@@ -59,6 +60,10 @@ KINDS: tuple[Kind, ...] = (
          ("vsclass", "vsclasses")),
     Kind("VolumeSnapshotContent", "snapshot.storage.k8s.io", "v1", "volumesnapshotcontents",
          False, ("vsc", "vscs")),
+    Kind("Role", RBAC, "v1", "roles", True),
+    Kind("ClusterRole", RBAC, "v1", "clusterroles", False),
+    Kind("RoleBinding", RBAC, "v1", "rolebindings", True),
+    Kind("ClusterRoleBinding", RBAC, "v1", "clusterrolebindings", False),
 )
 BY_KIND = {k.kind: k for k in KINDS}
 

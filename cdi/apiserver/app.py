@@ -1,9 +1,15 @@
-"""The aiohttp application of the REST API: routes, auth and the one error mapper.
+"""The aiohttp application of the REST API: routes, auth, RBAC and the one error mapper.
 
 ``cdi serve`` builds the store, the controllers and this app, and runs it.  The
 app holds no state of its own beyond the open watches; everything else is in
 the store, so any number of clients (the CLI, controllers in another process,
 ``kubectl``) see the same objects.
+
+Every request passes authentication (``auth.middleware``: the admin token or
+a registered one; 401 otherwise), then authorization (``rbac.middleware``:
+Kubernetes RBAC for anyone outside ``system:masters``; 403 with
+kube-apiserver's message otherwise).  ``/auth/v1/tokens`` manages the
+registered tokens, for ``system:masters`` only.
 
 Errors are mapped in one place, :func:`error_middleware`: an ``APIError`` is
 its Kubernetes ``Status`` with its code (logged at warning, no traceback);
@@ -22,8 +28,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from cdi.api import errors
-from cdi.apiserver import auth, discovery, openapi, routes, watch
-from cdi.apiserver.routes import Admit, PodLogs
+from cdi.apiserver import admission, auth, discovery, openapi, rbac, routes, watch
+from cdi.apiserver.routes import Admit, PodLogs, UserAdmit
 from cdi.backends.port import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -35,19 +41,28 @@ OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
 
 def create_app(store: ObjectStore, *, token: str, admit: Admit | None = None,
                pod_logs: PodLogs | None = None,
-               creators: dict[str, routes.Creator] | None = None) -> web.Application:
+               creators: dict[str, routes.Creator] | None = None,
+               tokens: auth.TokenRegistry | None = None,
+               user_admit: UserAdmit | None = admission.admit) -> web.Application:
     """The API server app over STORE.
 
-    TOKEN is the bearer token every request but ``GET /healthz`` must carry.
-    ADMIT, if given, is called as ``admit(new, old)`` before an object is
-    created (``old`` None), replaced or patched; it may raise ``Invalid``.
+    TOKEN is the admin's bearer token (``system:admin``, ``system:masters``);
+    TOKENS, if given, holds the other identities' tokens and is served at
+    ``/auth/v1/tokens``.  Every request but ``GET /healthz`` must carry one.
+    USER_ADMIT, then ADMIT, are called as ``user_admit(new, old, request)`` and
+    ``admit(new, old)`` before an object is created (``old`` None), replaced or
+    patched; they may raise ``Invalid`` or ``Forbidden``.
     POD_LOGS maps ``(namespace, pod name)`` to the pod's log file for
     ``GET .../pods/{name}/log``.  CREATORS answers creates of kinds that are
     not stored (``UploadTokenRequest``: the answer carries the token).
     """
-    app = web.Application(middlewares=[error_middleware, auth.middleware(token)])
+    app = web.Application(middlewares=[error_middleware, auth.middleware(token, tokens),
+                                       rbac.middleware(store)])
     app[routes.STORE] = store
     app[routes.ADMIT] = admit
+    app[routes.USER_ADMIT] = user_admit
+    if tokens is not None:
+        auth.add_routes(app, tokens)
     app[routes.POD_LOGS] = pod_logs
     app[routes.CREATORS] = creators or {}
     app[routes.WATCHES] = watch.WatchRegistry()

@@ -7,9 +7,13 @@ target (collection, object, ``/status``, ``/log``) and the HTTP method.
 Writes check the body against the path the way Kubernetes does: a missing
 ``apiVersion``/``kind``/``metadata.namespace``/``metadata.name`` is filled from
 the path, a different one is a 400.  Creates, replaces and patches of the main
-resource pass through the ``admit(new, old)`` hook (validation, 422 when it
-raises ``Invalid``) before anything is written; ``/status`` writes skip it, as
-they skip validating webhooks in Kubernetes.
+resource pass through admission before anything is written: first the
+``user_admit(new, old, AdmissionRequest)`` hook, which knows who asks (CDI's
+clone-source authorization, RBAC's escalation check: ``cdi.apiserver.admission``),
+as mutating webhooks see ``request.userInfo``; then ``admit(new, old)``
+(validation, 422 when it raises ``Invalid``).  ``/status`` writes skip both, as
+they skip webhooks in Kubernetes.  Authorization of the request itself happened
+before any handler runs (``cdi.apiserver.rbac.middleware``).
 
 PATCH is read-modify-write here rather than ``store.patch``, so admission sees
 the object as it would be written: get, apply the merge patch, admit, then
@@ -31,7 +35,7 @@ from pathlib import Path
 from aiohttp import web
 
 from cdi.api import errors
-from cdi.apiserver import codec, discovery, paths, watch
+from cdi.apiserver import admission, auth, codec, discovery, paths, rbac, watch
 from cdi.apiserver.paths import GroupVersion, Target
 from cdi.apiserver.query import ListQuery
 from cdi.backends.port import Obj, ObjectStore
@@ -39,6 +43,8 @@ from cdi.backends.port import Obj, ObjectStore
 log = logging.getLogger(__name__)
 
 Admit = Callable[[Obj, Obj | None], None]
+# Admission that needs the requester: ``user_admit(new, old, request)``.
+UserAdmit = Callable[[Obj, Obj | None, admission.AdmissionRequest], None]
 PodLogs = Callable[[str, str], Path | None]
 # Kinds whose create is answered, not stored (UploadTokenRequest): kind -> handler.
 Creator = Callable[[Obj], Awaitable[Obj]]
@@ -46,6 +52,7 @@ Handler = Callable[[web.Request, Target], Awaitable[web.StreamResponse]]
 
 STORE: web.AppKey[ObjectStore] = web.AppKey("store")
 ADMIT: web.AppKey[Admit | None] = web.AppKey("admit")
+USER_ADMIT: web.AppKey[UserAdmit | None] = web.AppKey("user_admit")
 POD_LOGS: web.AppKey[PodLogs | None] = web.AppKey("pod_logs")
 CREATORS: web.AppKey[dict[str, Creator]] = web.AppKey("creators")
 WATCHES = web.AppKey("watches", watch.WatchRegistry)
@@ -212,6 +219,10 @@ def _fit(obj: Obj, t: Target) -> None:
 
 
 def _admit(request: web.Request, new: Obj, old: Obj | None) -> None:
+    user_admit = request.app.get(USER_ADMIT)
+    if user_admit is not None:
+        user_admit(new, old, admission.AdmissionRequest(auth.user_of(request),
+                                                        rbac.policy_of(request)))
     admit = request.app[ADMIT]
     if admit is not None:
         admit(new, old)

@@ -28,6 +28,7 @@ COMMANDS = {
     "describe": "cdi.cli.describe:describe",
     "wait": "cdi.cli.wait:wait",
     "image-upload": "cdi.cli.upload:image_upload",
+    "auth": "cdi.cli.auth:auth",
     "containerdisk": "cdi.cli.containerdisk:containerdisk_group",
 }
 

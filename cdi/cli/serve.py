@@ -26,6 +26,7 @@ from aiohttp import web
 
 from cdi.api import errors as api_errors
 from cdi.api import tokens, validation
+from cdi.apiserver import auth, rbac
 from cdi.apiserver.app import create_app
 from cdi.backends.embedded import certs, storage
 from cdi.backends.embedded.podrunner import PodRunner
@@ -69,6 +70,7 @@ async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | N
     token, token_file = api_token(data_dir)
     store = SQLiteStore(data_dir / "state.db")
     await store.open()
+    await rbac.ensure_defaults(store)
     volumes = storage.Volumes(data_dir, reflink_root)
     await storage.ensure_classes(store, storage.load_classes(data_dir, volumes))
     # The upload proxy: HTTPS with our own CA, tokens signed with our own key.
@@ -112,6 +114,7 @@ async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | N
         return answer
 
     app = create_app(store, token=token, admit=validation.validate, pod_logs=runner.log_path,
+                     tokens=auth.TokenRegistry(data_dir / "api-tokens.json"),
                      creators={"UploadTokenRequest": upload_token})
     web_runner = web.AppRunner(app, access_log=None)
     await web_runner.setup()
