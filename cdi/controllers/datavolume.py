@@ -39,7 +39,7 @@ PREALLOCATION_APPLIED = A + "storage.preallocation"
 RUNNING_REASON = A + "storage.condition.running.reason"
 RUNNING_MESSAGE = A + "storage.condition.running.message"
 SUPPORTED = ("http", "blank", "upload", "registry", "s3")
-CLONE_SOURCES = ("pvc",)  # the clone controller's (cdi/controllers/clone)
+CLONE_SOURCES = ("pvc", "snapshot")  # the clone controller's (cdi/controllers/clone)
 UPLOAD_TARGET = A + "storage.upload.target"
 RATE_WINDOW = 1.0  # seconds: the shortest interval a transfer rate is measured over
 
@@ -143,7 +143,7 @@ class DataVolumeController:
         if dv["metadata"].get("deletionTimestamp"):
             return None
         source = next(iter(dv["spec"].get("source", {}) or {}), None)
-        if source in CLONE_SOURCES:
+        if source in CLONE_SOURCES or (source is None and dv["spec"].get("sourceRef")):
             return None
         if source not in SUPPORTED:
             what = source or ("sourceRef" if dv["spec"].get("sourceRef") else "none")
@@ -529,7 +529,8 @@ class DataVolumeController:
         updated["status"] = new
         await self._store.replace_status(updated)
         pvc_name = new["claimName"]
-        clone = "pvc" in (dv["spec"].get("source") or {})
+        clone = bool({"pvc", "snapshot"} & set(dv["spec"].get("source") or {})) or \
+            bool(dv["spec"].get("sourceRef"))
         if old.get("phase") != phase and phase in _PHASE_EVENTS and \
                 not (clone and phase == "Succeeded"):  # the clone controller says CloneSucceeded
             reason, message = _PHASE_EVENTS[phase]

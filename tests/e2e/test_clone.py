@@ -191,3 +191,67 @@ def test_clone_across_namespaces_is_copied(reflink_server: Server, tmp_path: Pat
     assert (ann[A + "cloneType"], ann[A + "cloneFallbackReason"]) == (
         "copy", "Snapshot and CSI clones across namespaces are copied on the embedded backend")
     assert qemu_img.compare(str(raw), str(volume_of(server, "mine")))
+
+
+def _snapshot(server: Server, name: str, claim: str) -> None:
+    snap = {"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+            "metadata": {"name": name},
+            "spec": {"source": {"persistentVolumeClaimName": claim}}}
+    assert server.create(snap).status_code == 201
+    server.wait_for("volumesnapshot", name,
+                    lambda o: (o.get("status") or {}).get("readyToUse") is True)
+
+
+def test_snapshot_source_and_datasource_ref(reflink_server: Server, tmp_path: Path) -> None:
+    server = reflink_server
+    raw = _source(server, tmp_path, "golden", cls="local-reflink")
+    _snapshot(server, "golden-snap", "golden")
+    from_snap = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+                 "metadata": {"name": "restored"},
+                 "spec": {"source": {"snapshot": {"name": "golden-snap"}},
+                          "storage": {"storageClassName": "local-reflink"}}}
+    assert server.create(from_snap).status_code == 201
+    ds = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataSource",
+          "metadata": {"name": "golden-ds"},
+          "spec": {"source": {"pvc": {"name": "golden", "namespace": "default"}}}}
+    by_ref = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+              "metadata": {"name": "vm-disk"},
+              "spec": {"sourceRef": {"kind": "DataSource", "name": "golden-ds"},
+                       "storage": {"storageClassName": "local-reflink",
+                                   "resources": {"requests": {"storage": "64Mi"}}}}}
+    assert server.create(by_ref).status_code == 201
+    dv = server.wait_for("dv", "vm-disk",
+                         lambda o: condition(o, "Running").get("reason") == "CloneWithoutSource")
+    assert condition(dv, "Running")["message"] == "DataSource default/golden-ds not found"
+    assert server.create(ds).status_code == 201
+    for name, kind in (("restored", "snapshot"), ("vm-disk", "csi-clone")):
+        seen = _phases(server, name)
+        assert seen[-1] == "Succeeded", (name, seen)
+        assert server.get("pvc", name)["metadata"]["annotations"][A + "cloneType"] == kind
+        assert qemu_img.compare(str(raw), str(volume_of(server, name)))
+    # The user's snapshot is theirs: it stays.
+    assert server.get("volumesnapshot", "golden-snap")["status"]["readyToUse"] is True
+
+
+def test_snapshot_of_another_driver_is_restored_then_copied(reflink_server: Server,
+                                                            tmp_path: Path) -> None:
+    server = reflink_server
+    raw = _source(server, tmp_path, "golden", cls="local-reflink")
+    _snapshot(server, "snap", "golden")
+    dv = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+          "metadata": {"name": "onlocal"},
+          "spec": {"source": {"snapshot": {"name": "snap"}},
+                   "storage": {"storageClassName": "local"}}}
+    assert server.create(dv).status_code == 201
+    seen = _phases(server, "onlocal")
+    assert seen[-1] == "Succeeded", seen
+    ann = server.get("pvc", "onlocal")["metadata"]["annotations"]
+    assert (ann[A + "cloneType"], ann[A + "cloneFallbackReason"]) == (
+        "copy", "The storageclass provisioner does not match the volumesnapshotcontent driver")
+    assert qemu_img.compare(str(raw), str(volume_of(server, "onlocal")))
+    uid = server.get("dv", "onlocal")["metadata"]["uid"]
+    deadline = time.monotonic() + 20
+    while server.session.get(server.path("pvc", f"tmp-source-pvc-{uid}"),
+                             timeout=10).status_code != 404:
+        assert time.monotonic() < deadline, "the temporary restore is removed"
+        time.sleep(0.1)

@@ -53,6 +53,7 @@ CROSS_NAMESPACE = "CrossNamespace"
 MESSAGE_CROSS_NAMESPACE = ("Snapshot and CSI clones across namespaces are copied on the "
                            "embedded backend")
 POLL = 1.0
+TEMP_SOURCE = "cdi.kubevirt.io/cloneSourceTemporaryClaim"
 
 
 def source_pod_name(dv: Obj) -> str:
@@ -66,6 +67,20 @@ def snapshot_name(dv: Obj) -> str:
 def client_name(source_ns: str, source: str, target_ns: str, target: str) -> str:
     """The identity the clone-mode upload server requires of its client (CDI's form)."""
     return f"{source_ns}/{source}-{target_ns}/{target}"
+
+
+class _NoSource(Exception):
+    """The DataVolume names no clone source (empty reason) or one that cannot be used."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+def _cross_namespace() -> strategy.Decision:
+    return strategy.Decision("copy", None, CROSS_NAMESPACE, MESSAGE_CROSS_NAMESPACE,
+                             (strategy.Event("Warning", CROSS_NAMESPACE,
+                                             MESSAGE_CROSS_NAMESPACE),))
 
 
 def _dv_keys(obj: Obj) -> list[Key]:
@@ -85,10 +100,16 @@ class CloneController(DataVolumeController):
                  client_signer: pki.Signer | None = None) -> None:
         super().__init__(store, upload_tls=upload_tls)
         self._client_signer = client_signer
+        self._waiting_on: dict[Key, set[Key]] = {}  # DataSource -> DataVolumes naming it
 
     def watches(self) -> dict[str, Mapper]:
         return {"PersistentVolumeClaim": _dv_keys, "Pod": self._pod_keys,
-                "VolumeSnapshot": _dv_keys}
+                "VolumeSnapshot": _dv_keys, "DataSource": self._datasource_keys}
+
+    def _datasource_keys(self, ds: Obj) -> list[Key]:
+        """A DataSource that appears or changes wakes the DataVolumes waiting on it."""
+        return list(self._waiting_on.get((ds["metadata"].get("namespace", ""),
+                                           ds["metadata"]["name"]), ()))
 
     def _pod_keys(self, pod: Obj) -> list[Key]:
         keys = _dv_keys(pod)
@@ -101,16 +122,25 @@ class CloneController(DataVolumeController):
         dv = await self._get("DataVolume", name, ns)
         if dv is None or dv["metadata"].get("deletionTimestamp"):
             return None
-        source = (dv["spec"].get("source") or {}).get("pvc")
-        if source is None:
-            return None
         phase = (dv.get("status") or {}).get("phase", "")
         if phase in ("Succeeded", "Failed"):
             return None
-        src_ns, src_name = source.get("namespace") or ns, source["name"]
+        try:
+            kind, src_ns, src_name = await self._source_of(dv)
+        except _NoSource as e:
+            if e.message:
+                await self._set_status(dv, phase="Pending", bound=NO_PVC,
+                                       running=("False", e.reason, e.message))
+                return Result(requeue_after=strategy.Wait.REQUEUE_AFTER)
+            return None
         target = await self._get("PersistentVolumeClaim", name, ns)
         if target is None:
+            if kind == "snapshot":
+                return await self._start_from_snapshot(dv, src_ns, src_name)
             return await self._start(dv, src_ns, src_name)
+        temp = target["metadata"].get("annotations", {}).get(TEMP_SOURCE)
+        if temp:  # a snapshot restored for a host-assisted copy: copy from that claim
+            src_name = temp
         if not any(r.get("uid") == dv["metadata"]["uid"]
                    for r in target["metadata"].get("ownerReferences", [])):
             await self._set_status(dv, phase="Pending", bound=(
@@ -136,6 +166,107 @@ class CloneController(DataVolumeController):
             return await self._succeeded(dv, target, src_ns, src_name, bound_cond)
         return await self._copy(dv, target, src_ns, src_name, bound_cond)
 
+    # -- sources ------------------------------------------------------------------
+
+    async def _source_of(self, dv: Obj) -> tuple[str, str, str]:
+        """("pvc" | "snapshot", namespace, name) of what the DataVolume clones."""
+        ns = dv["metadata"]["namespace"]
+        source = dv["spec"].get("source") or {}
+        for kind in ("pvc", "snapshot"):
+            if kind in source:
+                return kind, source[kind].get("namespace") or ns, source[kind]["name"]
+        ref = dv["spec"].get("sourceRef")
+        if source or not ref:
+            raise _NoSource("", "")
+        if ref.get("kind") != "DataSource":
+            raise _NoSource("UnsupportedSource", f"sourceRef kind {ref.get('kind')} is not "
+                                                 "supported; use DataSource")
+        ds_ns = ref.get("namespace") or ns
+        self._waiting_on.setdefault((ds_ns, ref["name"]), set()).add((ns, dv["metadata"]["name"]))
+        ds = await self._get("DataSource", ref["name"], ds_ns)
+        if ds is None:
+            raise _NoSource("CloneWithoutSource", f"DataSource {ds_ns}/{ref['name']} not found")
+        ds_source = (ds.get("spec") or {}).get("source") or {}
+        for kind in ("pvc", "snapshot"):
+            if ds_source.get(kind):
+                return kind, ds_source[kind].get("namespace") or ds_ns, ds_source[kind]["name"]
+        raise _NoSource("CloneWithoutSource",
+                        f"DataSource {ds_ns}/{ref['name']} has no pvc or snapshot source")
+
+    async def _start_from_snapshot(self, dv: Obj, snap_ns: str, snap_name: str
+                                   ) -> Result | None:
+        """Restore a VolumeSnapshot: directly where its driver allows, else copy a restore."""
+        ns, name = dv["metadata"]["namespace"], dv["metadata"]["name"]
+        snap = await self._get("VolumeSnapshot", snap_name, snap_ns)
+        content_name = ((snap or {}).get("status") or {}).get("boundVolumeSnapshotContentName")
+        content = await self._get("VolumeSnapshotContent", content_name, "") \
+            if content_name else None
+        spec = await self._target_spec(dv, None, size=((snap or {}).get("status") or {})
+                                       .get("restoreSize"))
+        if spec is None:
+            return Result(requeue_after=strategy.Wait.REQUEUE_AFTER)
+        target_sc = await self._get("StorageClass", spec["storageClassName"], "") \
+            if spec.get("storageClassName") else None
+        try:
+            decision = strategy.for_snapshot(snapshot_name=snap_name, snapshot=snap,
+                                             content=content, target=spec,
+                                             target_class=target_sc)
+        except strategy.NoDecision as e:
+            return await self._no_decision(dv, e)
+        if decision.strategy == "snapshot" and snap_ns != ns:
+            decision = _cross_namespace()
+        for ev in decision.events:
+            await events.emit(self._store, dv, reason=ev.reason, message=ev.message,
+                              type_=ev.type)
+        annotations = strategy.claim_annotations(decision)
+        if decision.strategy == "snapshot":
+            await self._create_target(dv, None, annotations, {
+                "apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot",
+                "name": snap_name}, spec=spec)
+            await self._set_status(dv, phase="CloneFromSnapshotSourceInProgress",
+                                   bound=("False", "Pending", f"PVC {name} Pending"))
+            return Result(requeue_after=0.01)
+        # Host-assisted: restore the snapshot into a claim of its own driver, copy from it.
+        assert snap is not None and content is not None
+        temp = f"tmp-source-pvc-{dv['metadata']['uid']}"
+        driver = content["spec"].get("driver")
+        classes = sorted((c for c in (await self._store.list("StorageClass")).items
+                          if c.get("provisioner") == driver),
+                         key=lambda c: str(c["metadata"]["name"]))
+        if not classes:
+            return await self._no_decision(dv, strategy.Wait(
+                "NoStorageClass", f"no storage class for the snapshot's driver {driver}"))
+        mode = content["spec"].get("sourceVolumeMode") or "Filesystem"
+        claim: Obj = {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": temp, "namespace": snap_ns,
+                         "labels": {"cdi.kubevirt.io/clone-for": f"{ns}.{name}"}},
+            "spec": {"accessModes": ["ReadWriteOnce"], "volumeMode": mode,
+                     "storageClassName": classes[0]["metadata"]["name"],
+                     "resources": {"requests": {"storage": snap["status"]["restoreSize"]}},
+                     "dataSource": {"apiGroup": "snapshot.storage.k8s.io",
+                                    "kind": "VolumeSnapshot", "name": snap_name}}}
+        try:
+            await self._store.create(claim)
+        except api_errors.AlreadyExists:
+            pass
+        annotations[CLONE_REQUEST] = f"{snap_ns}/{temp}"
+        annotations[TEMP_SOURCE] = temp
+        await self._create_target(dv, None, annotations, None, spec=spec)
+        await self._set_status(dv, phase="CloneScheduled",
+                               bound=("False", "Pending", f"PVC {name} Pending"))
+        return Result(requeue_after=0.01)
+
+    async def _no_decision(self, dv: Obj, e: strategy.NoDecision) -> Result:
+        old = {c["type"]: c for c in (dv.get("status") or {}).get("conditions", [])}
+        if old.get("Running", {}).get("message") != e.message:
+            for ev in e.events:
+                await events.emit(self._store, dv, reason=ev.reason, message=ev.message,
+                                  type_=ev.type)
+        await self._set_status(dv, phase="Pending", bound=NO_PVC,
+                               running=("False", e.reason, e.message))
+        return Result(requeue_after=strategy.Wait.REQUEUE_AFTER)
+
     # -- deciding ------------------------------------------------------------------
 
     async def _start(self, dv: Obj, src_ns: str, src_name: str) -> Result | None:
@@ -158,9 +289,7 @@ class CloneController(DataVolumeController):
             return why
         annotations = strategy.claim_annotations(decision)
         if decision.strategy != "copy" and src_ns != ns:
-            decision = strategy.Decision("copy", None, CROSS_NAMESPACE, MESSAGE_CROSS_NAMESPACE,
-                                         (strategy.Event("Warning", CROSS_NAMESPACE,
-                                                         MESSAGE_CROSS_NAMESPACE),))
+            decision = _cross_namespace()
             annotations = strategy.claim_annotations(decision)
         for e in decision.events:
             await events.emit(self._store, dv, reason=e.reason, message=e.message, type_=e.type)
@@ -184,12 +313,15 @@ class CloneController(DataVolumeController):
                                bound=("False", "Pending", f"PVC {name} Pending"))
         return Result(requeue_after=0.01)
 
-    async def _target_spec(self, dv: Obj, src: Obj | None) -> Obj | None:
-        """The target claim's spec; an empty size is the source's."""
+    async def _target_spec(self, dv: Obj, src: Obj | None, *, size: str | None = None
+                           ) -> Obj | None:
+        """The target claim's spec; an empty size is the source's (or ``size``)."""
         dv = copy_mod.deepcopy(dv)
         spec = dv["spec"]
         storage = spec.get("storage") if spec.get("storage") is not None else spec.get("pvc")
         requests = (storage or {}).setdefault("resources", {}).setdefault("requests", {})
+        if not requests.get("storage") and size:
+            requests["storage"] = size
         if not requests.get("storage"):
             if src is None:
                 return {"storageClassName": (storage or {}).get("storageClassName"),
@@ -238,20 +370,13 @@ class CloneController(DataVolumeController):
                 cdi_config=await self._config(),
                 permissive=A + "permissiveClone" in dv["metadata"].get("annotations", {}))
         except strategy.NoDecision as e:
-            old = {c["type"]: c for c in (dv.get("status") or {}).get("conditions", [])}
-            if old.get("Running", {}).get("message") != e.message:
-                for ev in e.events:
-                    await events.emit(self._store, dv, reason=ev.reason, message=ev.message,
-                                      type_=ev.type)
-            await self._set_status(dv, phase="Pending", bound=NO_PVC,
-                                   running=("False", e.reason, e.message))
-            return None, Result(requeue_after=strategy.Wait.REQUEUE_AFTER)
+            return None, await self._no_decision(dv, e)
         return decision, None
 
     async def _create_target(self, dv: Obj, src: Obj | None, annotations: dict[str, str],
-                             data_source: Obj | None) -> None:
+                             data_source: Obj | None, *, spec: Obj | None = None) -> None:
         meta = dv["metadata"]
-        spec = await self._target_spec(dv, src)
+        spec = spec if spec is not None else await self._target_spec(dv, src)
         if spec is None:
             return
         if data_source is not None:
@@ -449,6 +574,9 @@ class CloneController(DataVolumeController):
 
     async def _cleanup(self, dv: Obj, target: Obj, src_ns: str) -> None:
         ns, name = target["metadata"]["namespace"], target["metadata"]["name"]
+        temp = target["metadata"].get("annotations", {}).get(TEMP_SOURCE)
+        if temp:
+            await self._delete("PersistentVolumeClaim", temp, src_ns)
         await self._delete("Pod", source_pod_name(dv), src_ns)
         await self._delete("Secret", source_pod_name(dv), src_ns)
         await self._delete("Pod", importpod.upload_pod_name(name), ns)
