@@ -38,6 +38,8 @@ Environment
                                .upload-state.json``; on block ``<scratch dir>/...``; none if
                                block without scratch: then uploads are not resumable)
 ``UPLOAD_LINGER_SECONDS``      after completing, keep answering (409) this long before exiting
+``UPLOAD_CLONE``               ``true``: clone mode, the server takes one sparse clone stream
+                               (below) and nothing else; no scratch is used (``false``)
 ``IMPORTER_METRICS_ADDRESS``,  opt-in extra metrics endpoint, as for the import worker;
 ``IMPORTER_METRICS_ADDRESS_``  ``GET /metrics`` on the upload port always works
 ``FILE``
@@ -140,6 +142,23 @@ upload (checksum mismatch, too large, ...) removes it and the state.
 Compressed or convertible images, form and archive uploads record nothing:
 after a failure their data is removed and the client starts again from byte
 0.  The state file is removed when the upload completes.
+
+Clone mode
+----------
+With ``UPLOAD_CLONE=true`` the server is the target of a host-assisted clone:
+it takes ``POST /v1beta1/upload`` with ``x-cdi-content-type: sparse-clone``,
+whose body is the sparse clone stream of ``importer.clonesource`` (format in
+``importer.upload.clone`` and ``docs/clone.md``), and refuses anything else
+with 400 (an upload, another endpoint, ``?offset``, CDI's snappy
+``filesystem-clone``/``blockdevice-clone``); a server not in clone mode
+refuses a ``sparse-clone`` POST with 400.  ``CLIENT_NAME`` is then the clone
+source's identity.  The stream is written at its offsets, sparse (holes stay
+holes; on a block volume the rest is discarded), onto ``disk.img`` grown to
+the declared size or onto the block volume, either way round; 400 with the
+capacity text above if the size exceeds the volume, 400 ``Saving stream
+failed: malformed clone stream: <reason>`` for a bad stream (nothing is kept).
+A new clone POST after a failed or dropped one starts again from byte 0.  Exit
+0: ``{"message": "Clone Complete", "preallocationApplied": <bool>}``.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from importer import errors, settings
+from importer.upload import clone
 
 STATE_NAME = ".upload-state.json"
 DEFAULT_PORT = 8443
@@ -49,6 +50,7 @@ class UploadConfig:
     deadline: datetime.datetime | None = None  # no upload completed by then: exit 1
     state_file: Path | None = None  # UPLOAD_STATE_FILE; default: see resume_state_file
     linger: float = 0.0  # seconds to keep answering (409) after the upload completed
+    clone: bool = False  # UPLOAD_CLONE: take one sparse clone stream (upload.clone), not an upload
 
     @property
     def tls(self) -> bool:
@@ -146,6 +148,7 @@ def from_env(env: Mapping[str, str] | None = None) -> UploadConfig:
         deadline=_deadline(get("DEADLINE")),
         state_file=Path(v) if (v := get("UPLOAD_STATE_FILE")) else None,
         linger=_seconds("UPLOAD_LINGER_SECONDS", get("UPLOAD_LINGER_SECONDS")),
+        clone=clone.mode_from_env(get("UPLOAD_CLONE")),
     )
 
 

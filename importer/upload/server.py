@@ -27,6 +27,7 @@ from importer import errors, settings
 from importer import progress as progress_mod
 from importer.progress import Progress
 from importer.upload import body as body_mod
+from importer.upload import clone
 from importer.upload.config import UploadConfig
 from importer.upload.uploads import DRAIN_LIMIT, HTTPError, Kind, Request, Route, Uploads
 
@@ -197,6 +198,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if offset and route.kind != "raw":
                 raise HTTPError(400, "only the upload and upload-async endpoints can continue "
                                      "at an offset")
+        clone_mode = self.server.config.clone
+        why = clone.refusal(h.get(clone.HEADER), clone_mode=clone_mode,
+                            sync_upload=route == Route("raw", False), offset=bool(values))
+        if why is not None:
+            raise HTTPError(400, why)
+        if clone_mode:
+            return Request(route=Route("clone", False), body=framed, length=length, offset=None,
+                           checksum=None, boundary=b"")
         boundary = b""
         if route.kind == "form":
             try:
@@ -316,10 +325,10 @@ def serve(config: UploadConfig) -> tuple[int, str]:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                               name="upload-accept", daemon=True)
     thread.start()
-    log.info("LISTEN address=%s tls=%s mtls=%s deadline=%s resume=%s", server.address,
+    log.info("LISTEN address=%s tls=%s mtls=%s deadline=%s resume=%s clone=%s", server.address,
              config.tls, config.client_ca is not None,
              config.deadline.isoformat() if config.deadline else "none",
-             config.resume_state_file or "off")
+             config.resume_state_file or "off", config.clone)
     if config.address_file is not None:
         tmp = config.address_file.with_name(config.address_file.name + ".tmp")
         tmp.write_text(server.address + "\n")

@@ -26,7 +26,7 @@ from importer.processor import Processor
 from importer.progress import Progress
 from importer.sources.upload import UploadInterrupted, UploadSource
 from importer.upload import body as body_mod
-from importer.upload import resume
+from importer.upload import clone, resume
 from importer.upload.config import UploadConfig
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ PREFIX = "Saving stream failed: "
 NO_CAPACITY = PREFIX + "effective image size is larger than the reported available storage: "
 DEADLINE_MESSAGE = json.dumps({"message": "Deadline Passed", "deadlinePassed": True})
 
-Kind = Literal["raw", "form", "archive"]
+Kind = Literal["raw", "form", "archive", "clone"]
 
 @dataclasses.dataclass(frozen=True)
 class Route:
@@ -139,6 +139,9 @@ class Uploads:
         with self._cond:
             self.check(req.offset)
             self._state = "busy"
+        if req.route.kind == "clone":
+            self._clone(req, reply)
+            return
         s = self._config.importer
         answered = False
 
@@ -193,6 +196,32 @@ class Uploads:
             "scratchSpaceRequired": False,
             "preallocationApplied": processor.preallocation_applied,
         }))
+
+    def _clone(self, req: Request, reply: Reply) -> None:
+        """Take a sparse clone stream (upload.clone) instead of an image; sync only."""
+        started = time.monotonic()
+        self._progress.restart()
+        tgt: target.Target | None = None
+        try:
+            tgt = target.Target.from_settings(self._config.importer)
+            self.tracker.clear()
+            self._progress.set_phase("transfer")
+            result = clone.receive(req.body, tgt, preallocate=self._config.importer.preallocation,
+                                   progress=self._progress)
+        except Exception as e:
+            self._failed(e, req, reply, tgt, answered=False)
+            return
+        self._progress.set_written(result.data_bytes)
+        self._progress.set_percent(100.0)
+        self._progress.set_phase("complete")
+        with self._cond:
+            self._state = "done"
+            self._completed_offset = req.body.received
+        log.info("CLONE complete seconds=%.2f bytes=%d", time.monotonic() - started,
+                 req.body.received)
+        reply(200, "")
+        self._finish(0, json.dumps({"message": "Clone Complete",
+                                    "preallocationApplied": result.preallocated}))
 
     def _failed(self, e: Exception, req: Request, reply: Reply, tgt: target.Target | None,
                 *, answered: bool) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import copy as copy_mod
+import hashlib
 import logging
 from typing import Any
 
@@ -65,8 +66,15 @@ def snapshot_name(dv: Obj) -> str:
 
 
 def client_name(source_ns: str, source: str, target_ns: str, target: str) -> str:
-    """The identity the clone-mode upload server requires of its client (CDI's form)."""
-    return f"{source_ns}/{source}-{target_ns}/{target}"
+    """The identity the clone-mode upload server requires of its client (CDI's form).
+
+    A certificate's common name holds at most 64 characters; a longer name is
+    replaced by a digest of it, the same on both sides.
+    """
+    name = f"{source_ns}/{source}-{target_ns}/{target}"
+    if len(name) <= 64:
+        return name
+    return "clone-" + hashlib.sha256(name.encode()).hexdigest()[:40]
 
 
 class _NoSource(Exception):
