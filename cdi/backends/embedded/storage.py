@@ -78,8 +78,9 @@ class Volumes:
     """Where local volumes live (reflink-class ones under their own root, linked in)."""
 
     def __init__(self, data_dir: Path, reflink_root: Path | None = None) -> None:
-        self.root = data_dir / "volumes"
-        self.reflink_root = reflink_root or data_dir / "reflink"
+        # Absolute: reflink-class volumes are symlinks, resolved from the volume dir.
+        self.root = data_dir.absolute() / "volumes"
+        self.reflink_root = (reflink_root or data_dir / "reflink").absolute()
 
     def path(self, pv_name: str, *, block: bool) -> Path:
         return self.root / (f"{pv_name}.img" if block else pv_name)
