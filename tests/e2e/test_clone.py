@@ -3,6 +3,7 @@ annotations and events, and content equal to the source."""
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -254,4 +255,78 @@ def test_snapshot_of_another_driver_is_restored_then_copied(reflink_server: Serv
     while server.session.get(server.path("pvc", f"tmp-source-pvc-{uid}"),
                              timeout=10).status_code != 404:
         assert time.monotonic() < deadline, "the temporary restore is removed"
+        time.sleep(0.1)
+
+
+def _wait_event(server: Server, name: str, reason: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while reason not in [r for r, _ in _events(server, name)]:
+        assert time.monotonic() < deadline, (reason, _events(server, name), server.log())
+        time.sleep(0.05)
+
+
+def test_source_in_use_waits(server: Server, tmp_path: Path) -> None:
+    """A source an upload server still writes is not copied until it is done."""
+    busy = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+            "metadata": {"name": "busy"},
+            "spec": {"source": {"upload": {}},
+                     "storage": {"storageClassName": "local",
+                                 "resources": {"requests": {"storage": "64Mi"}}}}}
+    assert server.create(busy).status_code == 201
+    server.wait_for("dv", "busy", lambda o: phase(o) == "UploadReady")
+    assert server.create(_clone("waiting", "busy", cls="local")).status_code == 201
+    dv = server.wait_for("dv", "waiting",
+                         lambda o: condition(o, "Running").get("reason") == "CloneSourceInUse")
+    assert phase(dv) == "CloneScheduled"
+    assert condition(dv, "Running")["message"] == "pvc busy is used by pods cdi-upload-busy"
+    raw = images.make_raw(tmp_path / "busy.raw", virtual_size=64 * MiB,
+                          extents=[(0, MiB), (50 * MiB, MiB)], seed=7)
+    p = server.cli("image-upload", "dv", "busy", "--no-create", "--image-path", str(raw))
+    assert p.returncode == 0, p.stderr
+    seen = _phases(server, "waiting")
+    assert seen[-1] == "Succeeded", seen
+    assert qemu_img.compare(str(raw), str(volume_of(server, "waiting")))
+
+
+def test_killed_cdi_serve_mid_copy_finishes_after_restart(server: Server,
+                                                          tmp_path: Path) -> None:
+    raw = images.make_raw(tmp_path / "big.raw", virtual_size=1024 * MiB,
+                          extents=[(i * 128 * MiB, 48 * MiB) for i in range(8)], seed=11)
+    p = server.cli("image-upload", "dv", "bigsrc", "--image-path", str(raw), "--size", "1Gi",
+                   "--storage-class", "local")
+    assert p.returncode == 0, p.stderr
+    assert server.create(_clone("bigcopy", "bigsrc", cls="local", size="1Gi")).status_code == 201
+    _wait_event(server, "bigcopy", "CloneInProgress")
+    server.stop(signal.SIGKILL)
+    server.start()
+    seen = _phases(server, "bigcopy", timeout=180)
+    assert seen[-1] == "Succeeded", seen
+    assert qemu_img.compare(str(raw), str(volume_of(server, "bigcopy")))
+    assert images.allocated_bytes(volume_of(server, "bigcopy")) <= 400 * MiB, "stays sparse"
+
+
+def test_source_deleted_mid_copy_never_leaves_half_a_copy(server: Server,
+                                                         tmp_path: Path) -> None:
+    raw = images.make_raw(tmp_path / "src.raw", virtual_size=1024 * MiB,
+                          extents=[(i * 128 * MiB, 48 * MiB) for i in range(8)], seed=12)
+    p = server.cli("image-upload", "dv", "doomed", "--image-path", str(raw), "--size", "1Gi",
+                   "--storage-class", "local")
+    assert p.returncode == 0, p.stderr
+    assert server.create(_clone("survivor", "doomed", cls="local", size="1Gi")).status_code == 201
+    _wait_event(server, "survivor", "CloneInProgress")
+    r = server.session.delete(server.path("dv", "doomed"), timeout=10)
+    assert r.status_code == 200
+    deadline = time.monotonic() + 120
+    while True:
+        dv = server.get("dv", "survivor")
+        if phase(dv) == "Succeeded":
+            # What was read before the delete is the whole source (open files stay
+            # readable): the copy is complete, not half of one.
+            assert qemu_img.compare(str(raw), str(volume_of(server, "survivor")))
+            break
+        reason = condition(dv, "Running").get("reason")
+        if reason == "CloneWithoutSource":
+            assert condition(dv, "Running")["message"] == "The source pvc doomed doesn't exist"
+            break
+        assert time.monotonic() < deadline, dv["status"]
         time.sleep(0.1)

@@ -467,6 +467,13 @@ class CloneController(DataVolumeController):
         if source_pod is None:
             await self._create_source_pod(dv, target, src, address)
             return Result(requeue_after=0.2)
+        url = next((e.get("value") for e in source_pod["spec"]["containers"][0].get("env", [])
+                    if e["name"] == "UPLOAD_URL"), "")
+        if url != f"https://{address}/v1beta1/upload":
+            # The upload server came back elsewhere (its worker restarted on a new
+            # loopback port): a source pod sending to the old address starts again.
+            await self._delete("Pod", source_pod_name(dv), src_ns)
+            return Result(requeue_after=0.2)
         progress, transfer = await self._clone_progress(dv, source_pod)
         restarts = int(((source_pod.get("status") or {}).get("containerStatuses") or [{}])[0]
                        .get("restartCount", 0))
