@@ -330,3 +330,40 @@ def test_source_deleted_mid_copy_never_leaves_half_a_copy(server: Server,
             break
         assert time.monotonic() < deadline, dv["status"]
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize(("case", "reason", "message"), [
+    ("modes", "IncompatibleVolumeModes",
+     "The volume modes of source and target are incompatible"),
+    ("expansion", "NoVolumeExpansion", "No volume expansion is possible"),
+    ("provisioners", "IncompatibleProvisioners", "Provisioners are incompatible"),
+])
+def test_csi_clone_fallbacks_on_real_clones(reflink_server: Server, tmp_path: Path, case: str,
+                                            reason: str, message: str) -> None:
+    server = reflink_server
+    fixed = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+             "metadata": {"name": "reflink-fixed"},
+             "provisioner": "cdi.kubevirt.io/local-reflink", "reclaimPolicy": "Delete",
+             "volumeBindingMode": "Immediate", "allowVolumeExpansion": False}
+    assert server.create(fixed).status_code == 201
+    for cls in ("local-reflink", "reflink-fixed"):
+        r = server.session.patch(server.path("storageprofile", cls, ""), timeout=10,
+                                 json={"spec": {"cloneStrategy": "csi-clone"}},
+                                 headers={"Content-Type": "application/merge-patch+json"})
+        assert r.status_code == 200, r.text
+        server.wait_for("storageprofile", cls,
+                        lambda o: o.get("status", {}).get("cloneStrategy") == "csi-clone",
+                        namespace="")
+    source_class = "local" if case == "provisioners" else (
+        "reflink-fixed" if case == "expansion" else "local-reflink")
+    raw = _source(server, tmp_path, "src", cls=source_class)
+    target = {"modes": _clone("dst", "src", cls="local-reflink", mode="Block", size="128Mi"),
+              "expansion": _clone("dst", "src", cls="reflink-fixed", size="128Mi"),
+              "provisioners": _clone("dst", "src", cls="local-reflink")}[case]
+    assert server.create(target).status_code == 201
+    seen = _phases(server, "dst")
+    assert seen[-1] == "Succeeded", seen
+    ann = server.get("pvc", "dst")["metadata"]["annotations"]
+    assert (ann[A + "cloneType"], ann[A + "cloneFallbackReason"]) == ("copy", message)
+    assert (reason, message) in _events(server, "dst")
+    assert qemu_img.compare(str(raw), str(volume_of(server, "dst")))
