@@ -233,3 +233,16 @@ def test_layer_rules_and_architectures(server: Server, plain_registry: Registry,
                          lambda o: "Failed to find VM disk image file in the container image"
                          in condition(o, "Running").get("message", ""), timeout=60)
     assert phase(dv) != "Succeeded"
+
+
+def test_node_pull_is_refused_on_the_embedded_backend(server: Server,
+                                                      plain_registry: Registry) -> None:
+    url = f"docker://{plain_registry.ref('tools/disk')}"
+    assert server.create(_dv("nodepull", url, pullMethod="node")).status_code == 201
+    dv = server.wait_for("dv", "nodepull",
+                         lambda o: condition(o, "Running").get("reason") == "UnsupportedSource")
+    assert (phase(dv), condition(dv, "Running")["message"]) == (
+        "Pending", "registry pullMethod node is not supported on the embedded backend; "
+                   "use pullMethod pod (the default)")
+    r = server.session.get(server.path("pvc", "nodepull"), timeout=10)
+    assert r.status_code == 404, "nothing is provisioned for it"
