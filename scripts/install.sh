@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-utils nbdkit nginx-light tinyproxy curl gzip xz-utils zstd bzip2 util-linux docker-registry xfsprogs)
+packages=(qemu-utils nbdkit nginx-light tinyproxy curl gzip xz-utils zstd bzip2 util-linux util-linux-extra docker-registry xfsprogs)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

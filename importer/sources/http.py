@@ -406,7 +406,8 @@ class HTTPSource:
     def transfer(self, scratch_dir: Path) -> Phase:
         path = scratch_dir / SCRATCH_IMAGE
         st = shutil.disk_usage(scratch_dir)
-        with target.Writer.open(path, block=False, capacity=st.free, preallocate=False) as w:
+        with target.Writer.open(path, block=False, capacity=st.free, preallocate=False,
+                                keep_cache=True) as w:
             try:
                 while True:
                     try:

@@ -475,7 +475,8 @@ class RegistrySource:
         name = PurePosixPath(disk.name).name
         path = disk_dir / (name if name not in ("", ".", "..") else "disk.img")
         free = shutil.disk_usage(scratch_dir).free
-        with target.Writer.open(path, block=False, capacity=free, preallocate=False) as w:
+        with target.Writer.open(path, block=False, capacity=free, preallocate=False,
+                                keep_cache=True) as w:
             try:
                 self._copy(w, None)
                 w.finish()

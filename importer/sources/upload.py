@@ -123,7 +123,8 @@ class UploadSource:
         assert self._detected is not None
         path = self._scratch_image = scratch_dir / SCRATCH_IMAGE
         free = shutil.disk_usage(scratch_dir).free
-        with target.Writer.open(path, block=False, capacity=free, preallocate=False) as w:
+        with target.Writer.open(path, block=False, capacity=free, preallocate=False,
+                                keep_cache=True) as w:
             stream.copy(self._detected.reader, w)
             self._finish_stream()
             w.finish()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,25 @@ def test_remove_block_discards(tmp_path: Path) -> None:
     target.Target(dev, is_block=True, capacity=2 * MiB).remove()
     assert dev.read_bytes() == bytes(2 * MiB)
     assert images.allocated_bytes(dev) == 0
+
+
+def test_scratch_writer_keeps_the_page_cache(tmp_path: Path) -> None:
+    """A scratch image is read back by qemu-img at once: its pages stay cached; a
+    volume's are dropped once on disk."""
+    def cached(path: Path) -> int:
+        """Bytes of PATH in the page cache (fincore, from util-linux)."""
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
+                              str(path)], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[0])
+
+    buf = bytearray(os.urandom(target.WRITEBACK_WINDOW))
+    sizes = {}
+    for keep in (False, True):
+        path = tmp_path / f"keep-{keep}.img"
+        with target.Writer.open(path, block=False, capacity=1 << 30, preallocate=False,
+                                keep_cache=keep) as w:
+            for _ in range(4):
+                w.write(buf, len(buf))
+        sizes[keep] = cached(path)
+    assert sizes[True] >= 3 * target.WRITEBACK_WINDOW
+    assert sizes[False] <= 2 * target.WRITEBACK_WINDOW
