@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import requests
 import urllib3
 
-from importer import errors, formats, oci, stream, target, units
+from importer import errors, formats, oci, stream, target, tarstream, units
 from importer.processor import Phase
 from importer.progress import Progress
 from importer.settings import Settings
@@ -42,7 +42,6 @@ from importer.sources import http
 log = logging.getLogger(__name__)
 
 MAX_CONFIG = 8 * units.MiB
-TAR_BUFSIZE = units.MiB
 DISK_DIRS = ("disk/", "./disk/")
 WHITEOUT = ".wh."
 BOOTC_LABELS = ("containers.bootc", "ostree.bootable")
@@ -340,7 +339,7 @@ class _Disk:
     name: str  # member name in the layer
     size: int
     blob: oci.Verifying
-    tar: tarfile.TarFile
+    tar: tarstream.TarStream
     detected: formats.Detected
 
 
@@ -419,12 +418,11 @@ class RegistrySource:
         layer = formats.detect(blob)
         if layer.format != "raw":
             raise errors.CorruptStream(format="tar", reason=f"the layer is {layer.format}")
-        tar = tarfile.open(fileobj=stream.FileAdapter(layer.reader), mode="r|",
-                           bufsize=TAR_BUFSIZE)
-        for member in tar:
+        # Headers through tarfile, the disk's data straight from the layer (tarstream).
+        tar = tarstream.TarStream(layer.reader)
+        while (member := tar.next()) is not None:
             if _is_disk(member):
-                reader = _FileReader(tar.extractfile(member))
-                return _Disk(index, member.name, member.size, blob, tar, formats.detect(reader))
+                return _Disk(index, member.name, member.size, blob, tar, formats.detect(tar))
         return None
 
     def _settle(self, blob: oci.Verifying, cause: BaseException) -> None:
