@@ -19,7 +19,6 @@ import http.client
 import logging
 import os
 import re
-import shutil
 import socket
 import ssl
 import tempfile
@@ -33,16 +32,17 @@ import requests.adapters
 import requests.utils
 import urllib3
 
-from importer import archive, errors, formats, nbdkit, qemu_img, stream, target
+from importer import errors, formats, nbdkit, qemu_img, stream
 from importer.processor import Phase
 from importer.progress import Progress
 from importer.settings import Settings
+from importer.sources import resumable
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 30.0
 USER_AGENT = "cdi-importer"
-SCRATCH_IMAGE = "tmpimage"
+SCRATCH_IMAGE = resumable.SCRATCH_IMAGE
 _READ_ERRORS = (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError)
 
 
@@ -236,7 +236,7 @@ class Body:
             self._fp = None
 
 
-class HTTPSource:
+class HTTPSource(resumable.ResumableSource):
     kind = "http"
 
     def __init__(self, settings: Settings, *, progress: Progress) -> None:
@@ -378,68 +378,8 @@ class HTTPSource:
         finally:
             self._nbdkit.unpin()
 
-    def transfer_file(self, target_: target.Target) -> Phase:
-        total = None
-        if not self._detected.compressed and self._body.length is not None:
-            total = self._body.length
-            if total > target_.capacity:
-                raise errors.ImageTooLarge(virtual=total, available=target_.capacity)
-        with target_.open_writer(preallocate=self._settings.preallocation) as w:
-            try:
-                while True:
-                    try:
-                        stream.copy(self._detected.reader, w, total=total)
-                        self._finish_stream()
-                        break
-                    except errors.RestartRequired as why:
-                        w.reset()
-                        self._restart(why)
-                size = w.finish()
-            except errors.Error:
-                w.close()
-                target_.remove()
-                raise
-        self._progress.set_written(size)
-        log.info("WROTE size=%d data=%d", size, w.data_bytes)
-        return Phase.RESIZE
-
-    def transfer(self, scratch_dir: Path) -> Phase:
-        path = scratch_dir / SCRATCH_IMAGE
-        st = shutil.disk_usage(scratch_dir)
-        with target.Writer.open(path, block=False, capacity=st.free, preallocate=False,
-                                keep_cache=True) as w:
-            try:
-                while True:
-                    try:
-                        stream.copy(self._detected.reader, w)
-                        self._finish_stream()
-                        break
-                    except errors.RestartRequired as why:
-                        w.reset()
-                        self._restart(why)
-                w.finish()
-            except errors.Error:
-                path.unlink(missing_ok=True)
-                raise
-        self._scratch_image = path
-        self._convert_url = str(path)
-        return Phase.CONVERT
-
-    def transfer_dir(self, data_dir: Path) -> Phase:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                archive.extract(self._detected.reader, data_dir)
-                self._finish_stream()
-                break
-            except errors.RestartRequired as why:
-                target.clear_dir(data_dir)
-                self._restart(why)
-            except errors.Error:
-                target.clear_dir(data_dir)
-                raise
-        target.fsync_dir(data_dir)
-        return Phase.COMPLETE
+    def _known_length(self) -> int | None:
+        return self._body.length
 
     def url(self) -> str:
         return self._convert_url

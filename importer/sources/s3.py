@@ -41,13 +41,13 @@ import botocore.httpsession
 import botocore.session
 import urllib3
 
-from importer import archive, errors, formats, stream, target
+from importer import errors, formats, stream
 from importer.processor import Phase
 from importer.progress import Progress
 from importer.settings import Settings
+from importer.sources import resumable
 from importer.sources.http import (
     CONNECT_TIMEOUT,
-    SCRATCH_IMAGE,
     USER_AGENT,
     ca_files,
     describe,
@@ -316,7 +316,7 @@ def ca_bundle(settings: Settings, directory: Path) -> Path | None:
     return bundle
 
 
-class S3Source:
+class S3Source(resumable.ResumableSource):
     kind = "s3"
 
     def __init__(self, settings: Settings, *, progress: Progress) -> None:
@@ -414,68 +414,8 @@ class S3Source:
             return Phase.TRANSFER_SCRATCH
         return Phase.TRANSFER_DATA_FILE
 
-    def transfer_file(self, target_: target.Target) -> Phase:
-        total = None
-        if not self._detected.compressed and self._body is not None:
-            total = self._body.length
-            if total > target_.capacity:
-                raise errors.ImageTooLarge(virtual=total, available=target_.capacity)
-        with target_.open_writer(preallocate=self._settings.preallocation) as w:
-            try:
-                while True:
-                    try:
-                        stream.copy(self._detected.reader, w, total=total)
-                        self._finish_stream()
-                        break
-                    except errors.RestartRequired as why:
-                        w.reset()
-                        self._restart(why)
-                size = w.finish()
-            except errors.Error:
-                w.close()
-                target_.remove()
-                raise
-        self._progress.set_written(size)
-        log.info("WROTE size=%d data=%d", size, w.data_bytes)
-        return Phase.RESIZE
-
-    def transfer(self, scratch_dir: Path) -> Phase:
-        path = scratch_dir / SCRATCH_IMAGE
-        st = shutil.disk_usage(scratch_dir)
-        with target.Writer.open(path, block=False, capacity=st.free, preallocate=False,
-                                keep_cache=True) as w:
-            try:
-                while True:
-                    try:
-                        stream.copy(self._detected.reader, w)
-                        self._finish_stream()
-                        break
-                    except errors.RestartRequired as why:
-                        w.reset()
-                        self._restart(why)
-                w.finish()
-            except errors.Error:
-                path.unlink(missing_ok=True)
-                raise
-        self._scratch_image = path
-        self._convert_url = str(path)
-        return Phase.CONVERT
-
-    def transfer_dir(self, data_dir: Path) -> Phase:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                archive.extract(self._detected.reader, data_dir)
-                self._finish_stream()
-                break
-            except errors.RestartRequired as why:
-                target.clear_dir(data_dir)
-                self._restart(why)
-            except errors.Error:
-                target.clear_dir(data_dir)
-                raise
-        target.fsync_dir(data_dir)
-        return Phase.COMPLETE
+    def _known_length(self) -> int | None:
+        return self._body.length if self._body is not None else None
 
     def url(self) -> str:
         return self._convert_url
