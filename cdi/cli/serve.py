@@ -35,6 +35,7 @@ from cdi.backends.embedded.store import SQLiteStore
 from cdi.backends.embedded.uploads import EmbeddedResolver
 from cdi.cli import config
 from cdi.controllers.clone.controller import CloneController
+from cdi.controllers.dataimportcron import DataImportCronController
 from cdi.controllers.datasource import DataSourceController
 from cdi.controllers.datavolume import DataVolumeController, UploadTLS
 from cdi.controllers.runtime import Runtime, run_guarded
@@ -103,7 +104,7 @@ async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | N
                              client_signer=upload_pki.client_signer)
     for controller in (datavolumes, clones, UploadClaimController(store, upload_tls=upload_tls),
                        StorageProfileController(store), cdiconfig,
-                       DataSourceController(store)):
+                       DataSourceController(store), DataImportCronController(store)):
         runtime.add(controller)
 
     async def upload_token(obj: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,533 @@
+"""DataImportCron controller: keep a DataSource on the newest import of a registry image.
+
+CDI's ``dataimportcron-controller.go`` (reference 1.3, 6.1-6.4), for
+``docker://`` registry sources with the default pod pull:
+
+- **Schedule.**  The next run lives in the ``storage.import.nextCronTime``
+  annotation (RFC 3339), written in the same update as the poll's result, so
+  a restart of ``cdi serve`` neither skips a run nor runs one twice.  A cron
+  without the annotation (a new one) is polled at once, like CDI's initial
+  Job; an empty schedule never polls (users may set
+  ``storage.import.sourceDesiredDigest`` themselves).  Setting
+  ``nextCronTime`` to a past time forces a poll.
+- **Poll** (``cronpoll``): one manifest request; the digest goes to
+  ``storage.import.sourceDesiredDigest``, the time to
+  ``storage.import.lastCronTime`` and ``status.lastExecutionTimestamp``.
+- **Import.**  A new digest makes a DataVolume ``<managedDataSource>-<12 hex>``
+  from the template, importing ``<url without tag>@<digest>``, labelled (not
+  owned) for the cron; an existing claim of that name is reused.
+- **Completion.**  Only a Succeeded DataVolume moves the managed DataSource to
+  it; a failed import keeps the DataSource on the last good volume and is
+  deleted when a newer digest arrives.  Then old imports are garbage-collected.
+- **Deletion.**  With ``retentionPolicy: None`` the labelled DataSource,
+  DataVolumes and claims go with the cron; by default they stay.
+
+Conditions and their reasons/messages are CDI's (``dataimportcron-conditions.go``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from cdi.api import cron
+from cdi.api import errors as api_errors
+from cdi.backends.port import Obj, ObjectStore
+from cdi.controllers import cronpoll, events
+from cdi.controllers.runtime import Key, Mapper, Result
+
+log = logging.getLogger(__name__)
+
+A = "cdi.kubevirt.io/"
+ANN_DESIRED_DIGEST = A + "storage.import.sourceDesiredDigest"
+ANN_NEXT_CRON_TIME = A + "storage.import.nextCronTime"
+ANN_LAST_CRON_TIME = A + "storage.import.lastCronTime"
+ANN_LAST_USE_TIME = A + "storage.import.lastUseTime"
+ANN_IMMEDIATE_BIND = A + "storage.bind.immediate.requested"
+ANN_RETAIN_AFTER_COMPLETION = A + "storage.pod.retainAfterCompletion"
+LABEL_CRON = A + "dataImportCron"
+LABEL_CLEANUP = A + "dataImportCron.cleanup"
+
+PROGRESSING = "Progressing"
+UP_TO_DATE = "UpToDate"
+# Reasons, as CDI's dataimportcron-conditions.go spells them.
+REASON_NO_DIGEST = "NoDigest"
+REASON_NO_IMPORT = "NoImport"
+REASON_OUTDATED = "Outdated"
+REASON_SCHEDULED = "ImportScheduled"
+REASON_IN_PROGRESS = "ImportProgressing"
+REASON_UP_TO_DATE = "UpToDate"
+MSG_NO_DIGEST = "No source digest"
+MSG_NO_IMPORT = "No current import"
+MSG_OUTDATED = "Source digest updated since last import"
+MSG_SCHEDULED = "Import is scheduled"
+MSG_IN_PROGRESS = "Import is progressing"
+MSG_UP_TO_DATE = "Latest import is up to date"
+MSG_DV_PHASE = "Import DataVolume phase {phase}"
+ERR_ALREADY_MANAGED = "ErrDataSourceAlreadyManaged"
+MSG_ALREADY_MANAGED = "DataSource {ds} is already managed by DataImportCron {cron}"
+
+DEFAULT_IMPORTS_TO_KEEP = 3
+DIGEST_SUFFIX_LENGTH = 12
+DIGEST_PREFIXES = ("sha256:", "uid:")
+FAILED_REASONS = ("Error", "ImagePullFailed")  # Running reasons that let a new digest replace
+POLL_RETRY = 30.0  # seconds before a failed poll is tried again (sooner if the schedule says)
+MAX_NAME = 253
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def rfc3339(t: datetime.datetime) -> str:
+    return t.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def rfc3339nano(t: datetime.datetime) -> str:
+    return t.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> datetime.datetime | None:
+    try:
+        t = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=datetime.UTC)
+
+
+def _fnv32a(text: str) -> str:
+    h = 0x811C9DC5
+    for b in text.encode():
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return f"{h:08x}"
+
+
+def resource_name(base: str, suffix: str) -> str:
+    """``<base>-<suffix>``, or CDI's shortened ``<base...>-<fnv32a(base)>-<suffix>``."""
+    name = f"{base}-{suffix}"
+    if len(name) <= MAX_NAME:
+        return name
+    keep = MAX_NAME - len(suffix) - 8 - 2
+    return f"{base[:keep]}-{_fnv32a(base)}-{suffix}"
+
+
+def dv_name(managed_data_source: str, digest: str) -> str:
+    """The import's name: the DataSource name and 12 characters of the digest."""
+    prefix = next((p for p in DIGEST_PREFIXES if digest.startswith(p)), None)
+    if prefix is None:
+        raise ValueError("Digest has no supported prefix")
+    suffix = digest[len(prefix):len(prefix) + DIGEST_SUFFIX_LENGTH]
+    if len(suffix) < DIGEST_SUFFIX_LENGTH:
+        raise ValueError("Digest is too short")
+    return resource_name(managed_data_source, suffix)
+
+
+def digested_url(url: str, digest: str) -> str:
+    """``docker://host/repo:tag`` + digest -> ``docker://host/repo@digest``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    rest = rest.partition("@")[0]
+    slash = rest.rfind("/")
+    if ":" in rest[slash + 1:]:
+        rest = rest.rpartition(":")[0]
+    return f"{scheme}{'://' if sep else ''}{rest}@{digest}"
+
+
+def garbage(volumes: Iterable[Obj], keep: int) -> list[str]:
+    """Names beyond the KEEP newest by ``lastUseTime`` (CDI compares the strings; a volume
+    without the annotation sorts oldest).  VOLUMES: claims and DataVolumes, a name once."""
+    newest: dict[str, str] = {}
+    for obj in volumes:
+        meta = obj["metadata"]
+        used = (meta.get("annotations") or {}).get(ANN_LAST_USE_TIME, "")
+        newest[meta["name"]] = max(newest.get(meta["name"], ""), used)
+    ordered = sorted(newest, key=lambda n: (newest[n], n), reverse=True)
+    return ordered[max(keep, 0):]
+
+
+def set_condition(conditions: list[Obj], ctype: str, status: str, reason: str, message: str,
+                  now: str) -> None:
+    """CDI's updateConditionState: heartbeat on any change, transition on a status change."""
+    cond = next((c for c in conditions if c.get("type") == ctype), None)
+    if cond is None:
+        cond = {"type": ctype}
+        conditions.append(cond)
+    if (cond.get("status"), cond.get("reason"), cond.get("message")) == (status, reason, message):
+        return
+    if cond.get("status") != status:
+        cond["status"] = status
+        cond["lastTransitionTime"] = now
+    cond["lastHeartbeatTime"] = now
+    cond["reason"] = reason
+    cond["message"] = message
+
+
+def _cron_of(obj: Obj) -> list[Key]:
+    meta = obj.get("metadata", {})
+    name = (meta.get("labels") or {}).get(LABEL_CRON)
+    return [(meta.get("namespace", ""), name)] if name else []
+
+
+def _registry(dic: Obj) -> Obj | None:
+    source = (((dic.get("spec") or {}).get("template") or {}).get("spec") or {}).get("source")
+    registry = (source or {}).get("registry")
+    return registry if isinstance(registry, dict) else None
+
+
+def polled(dic: Obj) -> bool:
+    """Whether this controller polls the cron's source (a docker:// URL, pod pull)."""
+    reg = _registry(dic)
+    return (reg is not None and str(reg.get("url") or "").startswith("docker://")
+            and reg.get("pullMethod") != "node" and bool((dic.get("spec") or {}).get("schedule")))
+
+
+Poller = Callable[[cronpoll.PollTarget], str]
+
+
+class DataImportCronController:
+    name = "dataimportcron"
+    kind = "DataImportCron"
+
+    def __init__(self, store: ObjectStore, *,
+                 clock: Callable[[], datetime.datetime] = utcnow,
+                 poller: Poller = cronpoll.poll_digest) -> None:
+        self._store = store
+        self._clock = clock
+        self._poller = poller
+        self._poll_errors: dict[Key, str] = {}  # the last failure reported, per cron
+
+    def watches(self) -> dict[str, Mapper]:
+        return {"DataVolume": _cron_of, "PersistentVolumeClaim": _cron_of,
+                "DataSource": _cron_of}
+
+    # -- reconcile ----------------------------------------------------------------------
+
+    async def reconcile(self, key: Key) -> Result | None:
+        ns, name = key
+        dic = await self._get("DataImportCron", name, ns)
+        if dic is None or dic["metadata"].get("deletionTimestamp"):
+            self._poll_errors.pop(key, None)
+            await self.cleanup(ns, name)
+            return None
+        if not await self._should_reconcile(dic):
+            return None
+        return await self._update(dic)
+
+    async def _should_reconcile(self, dic: Obj) -> bool:
+        ns, name = dic["metadata"]["namespace"], dic["metadata"]["name"]
+        ds_name = dic["spec"].get("managedDataSource") or ""
+        ds = await self._get("DataSource", ds_name, ns)
+        owner = ((ds or {}).get("metadata", {}).get("labels") or {}).get(LABEL_CRON, "")
+        if ds is None or owner in ("", name):
+            return True
+        other = await self._get("DataImportCron", owner, ns)
+        if other is not None and other["spec"].get("managedDataSource") == ds_name:
+            message = MSG_ALREADY_MANAGED.format(ds=ds_name, cron=owner)
+            log.info("[%s/%s] dataimportcron: %s", ns, name, message)
+            await events.emit(self._store, dic, reason=ERR_ALREADY_MANAGED, message=message,
+                              type_="Warning")
+            return False
+        return True
+
+    async def _update(self, dic: Obj) -> Result | None:
+        ns = dic["metadata"]["namespace"]
+        now = self._clock()
+        stamp = rfc3339(now)
+        new = copy.deepcopy(dic)
+        ann: dict[str, str] = new["metadata"].setdefault("annotations", {})
+        status: Obj = new.setdefault("status", {})
+        conditions: list[Obj] = status.setdefault("conditions", [])
+        imports: list[Obj] = list(status.get("currentImports") or [])
+        dv = pvc = None
+        if imports:
+            dv = await self._get("DataVolume", imports[0].get("DataVolumeName", ""), ns)
+            pvc = await self._get("PersistentVolumeClaim",
+                                  imports[0].get("DataVolumeName", ""), ns)
+
+        succeeded = False
+        if dv is not None:
+            phase = str((dv.get("status") or {}).get("phase") or "")
+            if phase == "Succeeded":
+                succeeded = True
+            elif phase == "ImportScheduled":
+                set_condition(conditions, PROGRESSING, "False", REASON_SCHEDULED, MSG_SCHEDULED,
+                              stamp)
+            elif phase == "ImportInProgress":
+                set_condition(conditions, PROGRESSING, "True", REASON_IN_PROGRESS,
+                              MSG_IN_PROGRESS, stamp)
+            else:
+                set_condition(conditions, PROGRESSING, "False", phase,
+                              MSG_DV_PHASE.format(phase=phase), stamp)
+        elif pvc is not None and (pvc.get("status") or {}).get("phase") == "Bound":
+            succeeded = True
+        else:
+            imports = imports[1:]
+            set_condition(conditions, PROGRESSING, "False", REASON_NO_IMPORT, MSG_NO_IMPORT,
+                          stamp)
+
+        if succeeded:
+            current = imports[0]["DataVolumeName"]
+            last = {"namespace": ns, "name": current}
+            if status.get("lastImportedPVC") != last:
+                status["lastImportedPVC"] = last
+                status["lastImportTimestamp"] = stamp
+                await self._mark_used(dic, current, now)
+            set_condition(conditions, PROGRESSING, "False", REASON_NO_IMPORT, MSG_NO_IMPORT,
+                          stamp)
+            await self._collect_garbage(dic)
+
+        await self._update_data_source(dic, status.get("lastImportedPVC"))
+
+        result: Result | None = None
+        if polled(new):
+            result = await self._poll_if_due(new, ann, now)
+
+        desired = ann.get(ANN_DESIRED_DIGEST, "")
+        if desired and (not imports or desired != imports[0].get("Digest")):
+            set_condition(conditions, UP_TO_DATE, "False", REASON_OUTDATED, MSG_OUTDATED, stamp)
+            if dv is not None and await self._delete_if_failed(dv):
+                imports = []
+            if succeeded or not imports:
+                created = await self._create_import(new, desired, now)
+                if created is not None:
+                    imports = [{"DataVolumeName": created, "Digest": desired}]
+        elif succeeded:
+            set_condition(conditions, UP_TO_DATE, "True", REASON_UP_TO_DATE, MSG_UP_TO_DATE,
+                          stamp)
+            status["sourceFormat"] = "pvc"
+        elif imports:
+            set_condition(conditions, UP_TO_DATE, "False", REASON_IN_PROGRESS, MSG_IN_PROGRESS,
+                          stamp)
+        else:
+            set_condition(conditions, UP_TO_DATE, "False", REASON_NO_DIGEST, MSG_NO_DIGEST,
+                          stamp)
+
+        if imports:
+            status["currentImports"] = imports
+        else:
+            status.pop("currentImports", None)
+        last_cron = ann.get(ANN_LAST_CRON_TIME)
+        if last_cron and parse_time(last_cron) is not None:
+            status["lastExecutionTimestamp"] = last_cron
+        await self._write(dic, new)
+        return result
+
+    # -- schedule and poll ----------------------------------------------------------------
+
+    async def _poll_if_due(self, dic: Obj, ann: dict[str, str],
+                           now: datetime.datetime) -> Result | None:
+        """Poll if the run is due; set the next run; return when to look again."""
+        ns, name = dic["metadata"]["namespace"], dic["metadata"]["name"]
+        try:
+            schedule = cron.parse(dic["spec"]["schedule"])
+        except cron.CronError as e:
+            log.warning("[%s/%s] dataimportcron: bad schedule: %s", ns, name, e)
+            return None
+        next_text = ann.get(ANN_NEXT_CRON_TIME, "")
+        due_at = parse_time(next_text) if next_text else None
+        if due_at is not None and due_at > now:
+            return Result(requeue_after=max((due_at - now).total_seconds(), 0.0))
+        # Due (or never run, or an unreadable annotation): poll now.
+        registry = _registry(dic) or {}
+        try:
+            target = await cronpoll.gather(self._store, ns, registry)
+            digest = await asyncio.to_thread(self._poller, target)
+        except cronpoll.PollError as e:
+            log.warning("[%s/%s] dataimportcron: poll failed: %s", ns, name, e)
+            if self._poll_errors.get((ns, name)) != str(e):  # one event per new failure
+                self._poll_errors[(ns, name)] = str(e)
+                await events.emit(self._store, dic, reason="PollFailed", type_="Warning",
+                                  message=f"Failed to poll the source digest: {e}")
+            nxt = schedule.next(now)
+            return Result(requeue_after=min(POLL_RETRY, (nxt - now).total_seconds()))
+        self._poll_errors.pop((ns, name), None)
+        ann[ANN_LAST_CRON_TIME] = rfc3339(now)
+        if ann.get(ANN_DESIRED_DIGEST) != digest:
+            log.info("[%s/%s] dataimportcron: new digest %s", ns, name, digest)
+            ann[ANN_DESIRED_DIGEST] = digest
+        nxt = schedule.next(now)
+        ann[ANN_NEXT_CRON_TIME] = rfc3339(nxt)
+        return Result(requeue_after=max((nxt - now).total_seconds(), 0.0))
+
+    # -- imports ------------------------------------------------------------------------
+
+    def _labels(self, dic: Obj, existing: dict[str, str] | None = None) -> dict[str, str]:
+        labels = dict(existing or {})
+        labels[LABEL_CRON] = dic["metadata"]["name"]
+        if dic["spec"].get("retentionPolicy") == "None":
+            labels[LABEL_CLEANUP] = "true"
+        return labels
+
+    async def _create_import(self, dic: Obj, digest: str,
+                             now: datetime.datetime) -> str | None:
+        ns = dic["metadata"]["namespace"]
+        try:
+            name = dv_name(dic["spec"]["managedDataSource"], digest)
+        except ValueError as e:
+            log.warning("[%s/%s] dataimportcron: digest %r: %s", ns, dic["metadata"]["name"],
+                        digest, e)
+            return None
+        if await self._get("PersistentVolumeClaim", name, ns) is not None:
+            await self._mark_used(dic, name, now)
+            return name  # an earlier import of this digest: reuse it
+        template: Obj = copy.deepcopy(dic["spec"].get("template") or {})
+        spec: Obj = template.get("spec") or {}
+        registry = (spec.get("source") or {}).get("registry")
+        if isinstance(registry, dict) and registry.get("url"):
+            registry["url"] = digested_url(str(registry["url"]), digest)
+        meta: Obj = template.get("metadata") or {}
+        annotations = dict(meta.get("annotations") or {})
+        annotations[ANN_IMMEDIATE_BIND] = "true"
+        annotations[ANN_LAST_USE_TIME] = rfc3339nano(now)
+        retain = (dic["metadata"].get("annotations") or {}).get(ANN_RETAIN_AFTER_COMPLETION)
+        if retain:
+            annotations[ANN_RETAIN_AFTER_COMPLETION] = retain
+        dv: Obj = {
+            "apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+            "metadata": {"name": name, "namespace": ns,
+                         "labels": self._labels(dic, meta.get("labels")),
+                         "annotations": annotations},
+            "spec": spec,
+        }
+        try:
+            await self._store.create(dv)
+            log.info("[%s/%s] dataimportcron: importing %s into %s", ns,
+                     dic["metadata"]["name"], digest, name)
+        except api_errors.AlreadyExists:
+            pass
+        return name
+
+    async def _delete_if_failed(self, dv: Obj) -> bool:
+        """Delete an import whose Running condition says it failed (CDI: Error or
+        ImagePullFailed) so the newer digest can be imported instead."""
+        running: Obj = next((c for c in (dv.get("status") or {}).get("conditions") or []
+                        if c.get("type") == "Running"), {})
+        if running.get("status") != "False" or running.get("reason") not in FAILED_REASONS:
+            return False
+        meta = dv["metadata"]
+        log.info("[%s/%s] dataimportcron: deleting failed import: %s", meta["namespace"],
+                 meta["name"], running.get("message", ""))
+        try:
+            # Unlabel first, so its deletion does not look like one of ours going away.
+            await self._store.patch("DataVolume", meta["name"], meta["namespace"],
+                                    {"metadata": {"labels": {LABEL_CRON: ""}}})
+            await self._store.delete("DataVolume", meta["name"], meta["namespace"])
+        except api_errors.NotFound:
+            pass
+        return True
+
+    async def _mark_used(self, dic: Obj, name: str, now: datetime.datetime) -> None:
+        """Refresh ``lastUseTime`` (and the cron's labels) on an imported claim."""
+        ns = dic["metadata"]["namespace"]
+        pvc = await self._get("PersistentVolumeClaim", name, ns)
+        if pvc is None:
+            return
+        labels = self._labels(dic, pvc["metadata"].get("labels"))
+        patch = {"metadata": {"annotations": {ANN_LAST_USE_TIME: rfc3339nano(now)},
+                              "labels": labels}}
+        try:
+            await self._store.patch("PersistentVolumeClaim", name, ns, patch)
+        except api_errors.NotFound:
+            pass
+
+    async def _collect_garbage(self, dic: Obj) -> None:
+        spec = dic["spec"]
+        if spec.get("garbageCollect") not in (None, "", "Outdated"):
+            return
+        keep = spec.get("importsToKeep")
+        keep = keep if isinstance(keep, int) and keep >= 0 else DEFAULT_IMPORTS_TO_KEEP
+        ns, name = dic["metadata"]["namespace"], dic["metadata"]["name"]
+        selector = f"{LABEL_CRON}={name}"
+        pvcs = (await self._store.list("PersistentVolumeClaim", ns,
+                                       label_selector=selector)).items
+        dvs = (await self._store.list("DataVolume", ns, label_selector=selector)).items
+        for victim in garbage([*pvcs, *dvs], keep):
+            log.info("[%s/%s] dataimportcron: deleting old import %s", ns, name, victim)
+            await self._delete_volume(victim, ns)
+
+    async def _delete_volume(self, name: str, ns: str) -> None:
+        """The DataVolume (its claim goes with it), else the claim."""
+        for kind in ("DataVolume", "PersistentVolumeClaim"):
+            try:
+                await self._store.delete(kind, name, ns)
+                return
+            except api_errors.NotFound:
+                continue
+
+    # -- the managed DataSource -----------------------------------------------------------
+
+    async def _update_data_source(self, dic: Obj, last_imported: Any) -> None:
+        ns = dic["metadata"]["namespace"]
+        ds_name = dic["spec"].get("managedDataSource") or ""
+        if not ds_name:
+            return
+        ds = await self._get("DataSource", ds_name, ns)
+        if ds is None:
+            ds = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataSource",
+                  "metadata": {"name": ds_name, "namespace": ns, "labels": self._labels(dic)},
+                  "spec": {"source": {}}}
+            if isinstance(last_imported, dict):
+                ds["spec"]["source"] = {"pvc": dict(last_imported)}
+            try:
+                await self._store.create(ds)
+                log.info("[%s/%s] dataimportcron: created DataSource %s", ns,
+                         dic["metadata"]["name"], ds_name)
+            except api_errors.AlreadyExists:
+                pass
+            return
+        if (ds["metadata"].get("labels") or {}).get(LABEL_CRON) != dic["metadata"]["name"]:
+            return  # not ours (CDI: ErrNotManagedByCron): left alone
+        updated = copy.deepcopy(ds)
+        updated["metadata"]["labels"] = self._labels(dic, ds["metadata"].get("labels"))
+        if isinstance(last_imported, dict):
+            updated.setdefault("spec", {})["source"] = {"pvc": dict(last_imported)}
+        if updated != ds:
+            await self._store.replace(updated)
+            log.info("[%s/%s] dataimportcron: DataSource %s -> %s", ns,
+                     dic["metadata"]["name"], ds_name,
+                     (last_imported or {}).get("name") if isinstance(last_imported, dict)
+                     else None)
+
+    # -- deletion -------------------------------------------------------------------------
+
+    async def cleanup(self, ns: str, name: str) -> None:
+        """The cron is gone: delete what it labelled for cleanup (retentionPolicy None)."""
+        selector = f"{LABEL_CRON}={name},{LABEL_CLEANUP}=true"
+        for kind in ("DataSource", "DataVolume", "PersistentVolumeClaim"):
+            for obj in (await self._store.list(kind, ns, label_selector=selector)).items:
+                try:
+                    await self._store.delete(kind, obj["metadata"]["name"], ns)
+                    log.info("[%s/%s] dataimportcron: deleted %s %s", ns, name, kind,
+                             obj["metadata"]["name"])
+                except api_errors.NotFound:
+                    pass
+
+    # -- helpers --------------------------------------------------------------------------
+
+    async def _write(self, old: Obj, new: Obj) -> None:
+        patch: Obj = {}
+        if new["metadata"].get("annotations") != (old["metadata"].get("annotations") or {}):
+            patch["metadata"] = {"annotations": new["metadata"]["annotations"]}
+        if new.get("status") != old.get("status"):
+            patch["status"] = new["status"]
+            if "currentImports" not in new["status"] and "currentImports" in (
+                    old.get("status") or {}):
+                patch["status"] = dict(new["status"], currentImports=None)
+        if not patch:
+            return
+        patch.setdefault("metadata", {})["resourceVersion"] = old["metadata"]["resourceVersion"]
+        meta = old["metadata"]
+        await self._store.patch("DataImportCron", meta["name"], meta["namespace"], patch)
+
+    async def _get(self, kind: str, name: str, ns: str) -> Any:
+        if not name:
+            return None
+        try:
+            return await self._store.get(kind, name, ns)
+        except api_errors.NotFound:
+            return None
