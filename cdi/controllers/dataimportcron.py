@@ -31,13 +31,24 @@ import asyncio
 import copy
 import datetime
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from cdi.api import cron
 from cdi.api import errors as api_errors
 from cdi.backends.port import Obj, ObjectStore
 from cdi.controllers import cronpoll, events
+from cdi.controllers.cronnames import (
+    ANN_LAST_USE_TIME,
+    digested_url,
+    dv_name,
+    garbage,
+    parse_time,
+    rfc3339,
+    rfc3339nano,
+    set_condition,
+    utcnow,
+)
 from cdi.controllers.runtime import Key, Mapper, Result
 
 log = logging.getLogger(__name__)
@@ -46,7 +57,6 @@ A = "cdi.kubevirt.io/"
 ANN_DESIRED_DIGEST = A + "storage.import.sourceDesiredDigest"
 ANN_NEXT_CRON_TIME = A + "storage.import.nextCronTime"
 ANN_LAST_CRON_TIME = A + "storage.import.lastCronTime"
-ANN_LAST_USE_TIME = A + "storage.import.lastUseTime"
 ANN_IMMEDIATE_BIND = A + "storage.bind.immediate.requested"
 ANN_RETAIN_AFTER_COMPLETION = A + "storage.pod.retainAfterCompletion"
 LABEL_CRON = A + "dataImportCron"
@@ -72,99 +82,8 @@ ERR_ALREADY_MANAGED = "ErrDataSourceAlreadyManaged"
 MSG_ALREADY_MANAGED = "DataSource {ds} is already managed by DataImportCron {cron}"
 
 DEFAULT_IMPORTS_TO_KEEP = 3
-DIGEST_SUFFIX_LENGTH = 12
-DIGEST_PREFIXES = ("sha256:", "uid:")
 FAILED_REASONS = ("Error", "ImagePullFailed")  # Running reasons that let a new digest replace
 POLL_RETRY = 30.0  # seconds before a failed poll is tried again (sooner if the schedule says)
-MAX_NAME = 253
-
-
-def utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
-def rfc3339(t: datetime.datetime) -> str:
-    return t.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def rfc3339nano(t: datetime.datetime) -> str:
-    return t.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_time(text: str) -> datetime.datetime | None:
-    try:
-        t = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=datetime.UTC)
-
-
-def _fnv32a(text: str) -> str:
-    h = 0x811C9DC5
-    for b in text.encode():
-        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
-    return f"{h:08x}"
-
-
-def resource_name(base: str, suffix: str) -> str:
-    """``<base>-<suffix>``, or CDI's shortened ``<base...>-<fnv32a(base)>-<suffix>``."""
-    name = f"{base}-{suffix}"
-    if len(name) <= MAX_NAME:
-        return name
-    keep = MAX_NAME - len(suffix) - 8 - 2
-    return f"{base[:keep]}-{_fnv32a(base)}-{suffix}"
-
-
-def dv_name(managed_data_source: str, digest: str) -> str:
-    """The import's name: the DataSource name and 12 characters of the digest."""
-    prefix = next((p for p in DIGEST_PREFIXES if digest.startswith(p)), None)
-    if prefix is None:
-        raise ValueError("Digest has no supported prefix")
-    suffix = digest[len(prefix):len(prefix) + DIGEST_SUFFIX_LENGTH]
-    if len(suffix) < DIGEST_SUFFIX_LENGTH:
-        raise ValueError("Digest is too short")
-    return resource_name(managed_data_source, suffix)
-
-
-def digested_url(url: str, digest: str) -> str:
-    """``docker://host/repo:tag`` + digest -> ``docker://host/repo@digest``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    rest = rest.partition("@")[0]
-    slash = rest.rfind("/")
-    if ":" in rest[slash + 1:]:
-        rest = rest.rpartition(":")[0]
-    return f"{scheme}{'://' if sep else ''}{rest}@{digest}"
-
-
-def garbage(volumes: Iterable[Obj], keep: int) -> list[str]:
-    """Names beyond the KEEP newest by ``lastUseTime`` (CDI compares the strings; a volume
-    without the annotation sorts oldest).  VOLUMES: claims and DataVolumes, a name once."""
-    newest: dict[str, str] = {}
-    for obj in volumes:
-        meta = obj["metadata"]
-        used = (meta.get("annotations") or {}).get(ANN_LAST_USE_TIME, "")
-        newest[meta["name"]] = max(newest.get(meta["name"], ""), used)
-    ordered = sorted(newest, key=lambda n: (newest[n], n), reverse=True)
-    return ordered[max(keep, 0):]
-
-
-def set_condition(conditions: list[Obj], ctype: str, status: str, reason: str, message: str,
-                  now: str) -> None:
-    """CDI's updateConditionState: heartbeat on any change, transition on a status change."""
-    cond = next((c for c in conditions if c.get("type") == ctype), None)
-    if cond is None:
-        cond = {"type": ctype}
-        conditions.append(cond)
-    if (cond.get("status"), cond.get("reason"), cond.get("message")) == (status, reason, message):
-        return
-    if cond.get("status") != status:
-        cond["status"] = status
-        cond["lastTransitionTime"] = now
-    cond["lastHeartbeatTime"] = now
-    cond["reason"] = reason
-    cond["message"] = message
 
 
 def _cron_of(obj: Obj) -> list[Key]:

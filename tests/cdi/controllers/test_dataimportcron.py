@@ -18,7 +18,7 @@ import pytest
 from cdi.api import errors
 from cdi.backends.embedded.store import SQLiteStore
 from cdi.backends.port import Obj
-from cdi.controllers import cronpoll
+from cdi.controllers import cronnames, cronpoll
 from cdi.controllers import dataimportcron as dic
 from cdi.controllers.dataimportcron import DataImportCronController
 from importer import containerdisk
@@ -119,34 +119,34 @@ def cond(obj: Obj, ctype: str) -> tuple[str, str, str]:
 
 
 def test_names_follow_cdi() -> None:
-    assert dic.dv_name("fedora-ds", D1) == "fedora-ds-111111111111"
-    assert dic.dv_name("golden", "uid:0123456789abcdef") == "golden-0123456789ab"
+    assert cronnames.dv_name("fedora-ds", D1) == "fedora-ds-111111111111"
+    assert cronnames.dv_name("golden", "uid:0123456789abcdef") == "golden-0123456789ab"
     with pytest.raises(ValueError, match="no supported prefix"):
-        dic.dv_name("golden", "md5:0123456789abcdef")
+        cronnames.dv_name("golden", "md5:0123456789abcdef")
     with pytest.raises(ValueError, match="too short"):
-        dic.dv_name("golden", "sha256:0123")
-    long = dic.resource_name("b" * 250, "111111111111")
+        cronnames.dv_name("golden", "sha256:0123")
+    long = cronnames.resource_name("b" * 250, "111111111111")
     assert len(long) == 253 and long.endswith("-111111111111")
-    assert long.split("-")[-2] == dic._fnv32a("b" * 250)
-    assert dic.digested_url(URL, D1) == f"docker://registry.example:5000/os/fedora@{D1}"
-    assert dic.digested_url("docker://localhost:5000/cirros", D1) == \
+    assert long.split("-")[-2] == cronnames._fnv32a("b" * 250)
+    assert cronnames.digested_url(URL, D1) == f"docker://registry.example:5000/os/fedora@{D1}"
+    assert cronnames.digested_url("docker://localhost:5000/cirros", D1) == \
         f"docker://localhost:5000/cirros@{D1}"
-    assert dic.digested_url(f"docker://quay.io/os/x@{D2}", D1) == f"docker://quay.io/os/x@{D1}"
+    assert cronnames.digested_url(f"docker://quay.io/os/x@{D2}", D1) == f"docker://quay.io/os/x@{D1}"
 
 
 def test_garbage_keeps_the_newest_by_last_use_time() -> None:
     def vol(name: str, used: str | None) -> Obj:
-        ann = {} if used is None else {dic.ANN_LAST_USE_TIME: used}
+        ann = {} if used is None else {cronnames.ANN_LAST_USE_TIME: used}
         return {"metadata": {"name": name, "annotations": ann}}
 
     volumes = [vol("a", "2026-03-01T10:00:00.000001Z"), vol("b", "2026-03-01T12:00:00.000000Z"),
                vol("c", None), vol("d", "2026-03-01T11:00:00.000000Z"),
                # a DataVolume and its claim: the newer stamp of the two counts
                vol("a", "2026-03-01T13:00:00.000000Z")]
-    assert dic.garbage(volumes, 3) == ["c"]
-    assert dic.garbage(volumes, 1) == ["b", "d", "c"]
-    assert dic.garbage(volumes, 0) == ["a", "b", "d", "c"]
-    assert dic.garbage(volumes, 10) == []
+    assert cronnames.garbage(volumes, 3) == ["c"]
+    assert cronnames.garbage(volumes, 1) == ["b", "d", "c"]
+    assert cronnames.garbage(volumes, 0) == ["a", "b", "d", "c"]
+    assert cronnames.garbage(volumes, 10) == []
 
 
 # -- schedule -------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def test_first_poll_imports_and_the_schedule_survives_a_restart(tmp_path: Path) 
             f"docker://registry.example:5000/os/fedora@{D1}"
         assert dv["metadata"]["labels"] == {"team": "os", dic.LABEL_CRON: "fedora"}
         assert dv["metadata"]["annotations"][dic.ANN_IMMEDIATE_BIND] == "true"
-        assert dv["metadata"]["annotations"][dic.ANN_LAST_USE_TIME] == \
+        assert dv["metadata"]["annotations"][cronnames.ANN_LAST_USE_TIME] == \
             "2026-03-01T10:20:00.000000Z"
         assert "ownerReferences" not in dv["metadata"]  # labelled, not owned (CDI)
         ds = await env.get("DataSource", "fedora-ds")
@@ -266,7 +266,7 @@ def test_the_data_source_moves_only_to_a_succeeded_import(tmp_path: Path) -> Non
         ds = await env.get("DataSource", "fedora-ds")
         assert ds["spec"]["source"] == {"pvc": {"namespace": NS, "name": first}}
         pvc = await env.get("PersistentVolumeClaim", first)
-        assert pvc["metadata"]["annotations"][dic.ANN_LAST_USE_TIME] == \
+        assert pvc["metadata"]["annotations"][cronnames.ANN_LAST_USE_TIME] == \
             "2026-03-01T10:21:00.000000Z"
         rv = cron["metadata"]["resourceVersion"]
         await env.reconcile()  # nothing new: nothing written
