@@ -28,7 +28,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from cdi.api import errors
-from cdi.apiserver import admission, auth, discovery, openapi, rbac, routes, watch
+from cdi.apiserver import admission, auth, discovery, metrics, openapi, rbac, routes, watch
 from cdi.apiserver.routes import Admit, PodLogs, UserAdmit
 from cdi.backends.port import ObjectStore
 
@@ -72,6 +72,7 @@ def create_app(store: ObjectStore, *, token: str, admit: Admit | None = None,
     # watches must be ended here or they hold the shutdown up.
     app.on_shutdown.append(_stop_watches)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", metrics.handler(store))
     app.router.add_get("/version", _json(discovery.version))
     app.router.add_get("/api", _json(discovery.core_versions))
     app.router.add_get("/apis", _json(discovery.group_list))
