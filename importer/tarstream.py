@@ -12,10 +12,13 @@ follows, as tar does.
 
 from __future__ import annotations
 
+import re
 import tarfile
 from typing import Protocol
 
 BLOCK = 512
+MAX_SPECIAL = 1 << 20  # largest PAX or long-name header accepted (Go's archive/tar: 1 MiB)
+MAX_GLOBAL = 1 << 20  # largest total of global PAX records kept
 
 
 class Reader(Protocol):
@@ -69,10 +72,19 @@ class TarStream:
             if header is None or header == bytes(BLOCK):
                 return None  # end of archive (the second zero block is not required)
             info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+            special = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME,
+                       tarfile.GNUTYPE_LONGLINK)
+            if info.type in special and info.size > MAX_SPECIAL:
+                raise tarfile.HeaderError(f"a {info.size}-byte extended header is too large "
+                                          f"(at most {MAX_SPECIAL})")
+            if info.type == tarfile.GNUTYPE_SPARSE:
+                raise tarfile.HeaderError(f"sparse tar member {info.name} is not supported")
             if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE):
                 records = self._read_exact(_padded(info.size)) or b""
                 parsed = _pax_records(records[: info.size])
                 (self._global if info.type == tarfile.XGLTYPE else pax).update(parsed)
+                if sum(len(k) + len(v) for k, v in self._global.items()) > MAX_GLOBAL:
+                    raise tarfile.HeaderError("global extended headers are too large")
                 continue
             if info.type == tarfile.GNUTYPE_LONGNAME:
                 data = self._read_exact(_padded(info.size)) or b""
@@ -82,15 +94,16 @@ class TarStream:
                 self._skip(_padded(info.size))
                 continue
             fields = {**self._global, **pax}
+            if any(k.startswith("GNU.sparse.") for k in fields):
+                raise tarfile.HeaderError(f"sparse tar member {info.name} is not supported")
             if "path" in fields:
                 info.name = fields["path"]
             elif long_name is not None:
                 info.name = long_name
             if "size" in fields:
-                try:
-                    info.size = int(fields["size"])
-                except ValueError as e:
-                    raise tarfile.HeaderError(f"bad PAX size {fields['size']!r}") from e
+                if not re.fullmatch(r"[0-9]{1,20}", fields["size"]):
+                    raise tarfile.HeaderError(f"bad PAX size {fields['size']!r}")
+                info.size = int(fields["size"])
             size = info.size if info.type in tarfile.REGULAR_TYPES else 0
             self._left, self._pad = size, _padded(size) - size
             return info

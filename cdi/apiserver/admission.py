@@ -57,6 +57,7 @@ class AdmissionRequest:
 
     user: UserInfo
     authorizer: Policy
+    datasource: Obj | None = None  # what a DataVolume's sourceRef names, read beforehand
 
 
 def admit(new: Obj, old: Obj | None, request: AdmissionRequest) -> None:
@@ -104,18 +105,27 @@ def admit_clone(dv: Obj, request: AdmissionRequest) -> None:
     if meta.get("deletionTimestamp"):
         return
     source = (dv.get("spec") or {}).get("source") or {}
+    target = str(meta.get("namespace") or "")
+    if not source and request.datasource is not None:
+        # A sourceRef clones what the DataSource names: check that, as CDI does.
+        ds_source = (request.datasource.get("spec") or {}).get("source") or {}
+        ds_ns = str((request.datasource.get("metadata") or {}).get("namespace") or target)
+        source = {k: {**v, "namespace": v.get("namespace") or ds_ns}
+                  for k, v in ds_source.items() if k in ("pvc", "snapshot") and
+                  isinstance(v, dict)}
     ref, snapshot = source.get("pvc"), False
     if not isinstance(ref, dict):
         ref, snapshot = source.get("snapshot"), True
     if not isinstance(ref, dict):
         return
-    target = str(meta.get("namespace") or "")
     user = request.user
     allowed, reason = can_clone(request.authorizer, user.name, user.groups,
                                 str(ref.get("namespace") or target), str(ref.get("name") or ""),
                                 target, snapshot=snapshot)
-    annotations = meta.get("annotations") or {}
-    if allowed or PRE_POPULATED in annotations or CHECK_STATIC_VOLUME in annotations:
+    # CDI lets prePopulated/checkStaticVolume DataVolumes through because it never
+    # clones them; the embedded controllers do not honour those annotations, so
+    # they get the same check as any clone.
+    if allowed:
         return
     raise errors.Invalid(reason, kind="DataVolume", name=str(meta.get("name") or ""),
                          causes=[{"reason": "FieldValueInvalid", "message": reason,

@@ -107,7 +107,7 @@ async def _get(request: web.Request, t: Target) -> web.StreamResponse:
 async def _create(request: web.Request, t: Target) -> web.StreamResponse:
     obj = await _read_object(request)
     _fit(obj, t)
-    _admit(request, obj, None)
+    await _admit(request, obj, None)
     creator = request.app[CREATORS].get(t.kind.kind)
     if creator is not None:
         return web.json_response(await creator(obj), status=201)
@@ -125,7 +125,7 @@ async def _replace(request: web.Request, t: Target) -> web.StreamResponse:
         written = await store.replace_status(obj)
     else:
         old = await store.get(t.kind.kind, t.name, t.namespace)
-        _admit(request, obj, old)
+        await _admit(request, obj, old)
         written = await store.replace(obj)
     _log_write("REPLACE", written, t.subresource)
     return web.json_response(written)
@@ -146,7 +146,7 @@ async def _patch(request: web.Request, t: Target) -> web.StreamResponse:
             if t.subresource == "status":
                 written = await store.replace_status(new)
             else:
-                _admit(request, new, current)
+                await _admit(request, new, current)
                 written = await store.replace(new)
         except errors.Conflict:
             if pinned or attempt >= PATCH_ATTEMPTS:
@@ -218,14 +218,29 @@ def _fit(obj: Obj, t: Target) -> None:
                                     f"the name on the URL ({t.name})")
 
 
-def _admit(request: web.Request, new: Obj, old: Obj | None) -> None:
+async def _admit(request: web.Request, new: Obj, old: Obj | None) -> None:
     user_admit = request.app.get(USER_ADMIT)
     if user_admit is not None:
-        user_admit(new, old, admission.AdmissionRequest(auth.user_of(request),
-                                                        rbac.policy_of(request)))
+        user_admit(new, old, admission.AdmissionRequest(
+            auth.user_of(request), rbac.policy_of(request),
+            datasource=await _referenced_datasource(request.app[STORE], new)))
     admit = request.app[ADMIT]
     if admit is not None:
         admit(new, old)
+
+
+async def _referenced_datasource(store: ObjectStore, obj: Obj) -> Obj | None:
+    """The DataSource a DataVolume's ``sourceRef`` names, for the clone check (None if none)."""
+    if obj.get("kind") != "DataVolume":
+        return None
+    ref = (obj.get("spec") or {}).get("sourceRef") or {}
+    if ref.get("kind") != "DataSource" or not ref.get("name"):
+        return None
+    ns = ref.get("namespace") or (obj.get("metadata") or {}).get("namespace") or "default"
+    try:
+        return await store.get("DataSource", str(ref["name"]), str(ns))
+    except errors.NotFound:
+        return None
 
 
 def _log_write(verb: str, obj: Obj, subresource: str | None = None) -> None:

@@ -379,8 +379,7 @@ class DataVolumeController:
         if kind in ("http", "registry", "s3"):
             annotations[A + "storage.import.endpoint"] = spec["source"][kind]["url"]
         # The DataVolume's own annotations pass on, but never over the controller's.
-        passed = {k: v for k, v in meta.get("annotations", {}).items()
-                  if k.startswith(A) or k in importpod.POD_ANNOTATIONS}
+        passed = importpod.passed_annotations(dv)
         annotations = {**passed, **annotations}
         pvc: Obj = {
             "apiVersion": "v1", "kind": "PersistentVolumeClaim",

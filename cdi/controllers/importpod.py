@@ -34,6 +34,25 @@ POD_ANNOTATIONS = ("k8s.v1.cni.cncf.io/networks", "v1.multus-cni.io/default-netw
                    "sidecar.istio.io/inject", "linkerd.io/inject")
 
 
+# Claim annotations only the controllers write: a DataVolume that carries one
+# must not pass it on (it would fake a finished import, or name another claim).
+CONTROLLER_ANNOTATIONS = frozenset({
+    ANN + "storage.pod.phase", ANN + "storage.pod.ready", ANN + "storage.pod.restarts",
+    ANN + "storage.import.fatalError", ANN + "storage.import.requiresScratch",
+    ANN + "storage.condition.running.reason", ANN + "storage.condition.running.message",
+    ANN + "storage.preallocation", ANN + "cloneType", ANN + "cloneFallbackReason",
+    ANN + "cloneSourceTemporaryClaim", ANN + "createdForDataVolume",
+    ANN + "storage.upload.target", "k8s.io/CloneRequest", "k8s.io/CloneOf",
+})
+
+
+def passed_annotations(dv: Obj) -> dict[str, str]:
+    """The DataVolume's annotations its claim inherits: CDI's and the pod ones, never
+    an annotation the controllers themselves write."""
+    return {k: str(v) for k, v in (dv["metadata"].get("annotations") or {}).items()
+            if (k.startswith(ANN) or k in POD_ANNOTATIONS) and k not in CONTROLLER_ANNOTATIONS}
+
+
 def pod_name(pvc_name: str) -> str:
     return f"importer-{pvc_name}"
 

@@ -266,7 +266,8 @@ def _wait_event(server: Server, name: str, reason: str, timeout: float = 60) -> 
 
 
 def test_source_in_use_waits(server: Server, tmp_path: Path) -> None:
-    """A source an upload server still writes is not copied until it is done."""
+    """A source another pod uses is not copied until that pod is gone; a source not yet
+    filled is not cloned at all until it is."""
     busy = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
             "metadata": {"name": "busy"},
             "spec": {"source": {"upload": {}},
@@ -275,14 +276,26 @@ def test_source_in_use_waits(server: Server, tmp_path: Path) -> None:
     assert server.create(busy).status_code == 201
     server.wait_for("dv", "busy", lambda o: phase(o) == "UploadReady")
     assert server.create(_clone("waiting", "busy", cls="local")).status_code == 201
-    dv = server.wait_for("dv", "waiting",
-                         lambda o: condition(o, "Running").get("reason") == "CloneSourceInUse")
-    assert phase(dv) == "CloneScheduled"
-    assert condition(dv, "Running")["message"] == "pvc busy is used by pods cdi-upload-busy"
+    dv = server.wait_for("dv", "waiting", lambda o: condition(o, "Running").get("reason")
+                         == "CloneSourceNotPopulated")
+    assert (phase(dv), condition(dv, "Running")["message"]) == (
+        "CloneScheduled", "The source pvc busy is not populated yet: DataVolume busy is "
+                          "UploadReady")
     raw = images.make_raw(tmp_path / "busy.raw", virtual_size=64 * MiB,
                           extents=[(0, MiB), (50 * MiB, MiB)], seed=7)
+    # A "VM" starts on the source before the upload is done: it holds the claim.
+    vm = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "vm-busy"},
+          "spec": {"restartPolicy": "Never",
+                   "containers": [{"name": "vm", "image": "sleep", "command": ["sleep", "60"]}],
+                   "volumes": [{"name": "disk",
+                                "persistentVolumeClaim": {"claimName": "busy"}}]}}
+    assert server.create(vm).status_code == 201
     p = server.cli("image-upload", "dv", "busy", "--no-create", "--image-path", str(raw))
     assert p.returncode == 0, p.stderr
+    dv = server.wait_for("dv", "waiting",
+                         lambda o: condition(o, "Running").get("reason") == "CloneSourceInUse")
+    assert condition(dv, "Running")["message"] == "pvc busy is used by pods vm-busy"
+    assert server.session.delete(server.path("pod", "vm-busy"), timeout=10).status_code == 200
     seen = _phases(server, "waiting")
     assert seen[-1] == "Succeeded", seen
     assert qemu_img.compare(str(raw), str(volume_of(server, "waiting")))

@@ -80,3 +80,41 @@ def test_damage_is_refused() -> None:
     bad[148:156] = b"0000000\0"  # the first header's checksum
     with pytest.raises(tarfile.TarError):
         _members(bytes(bad))
+
+
+def _pax_archive(pax: dict[str, str], data: bytes = b"\x04" * 1024) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("disk/a.img")
+        info.size = len(data)
+        info.pax_headers = pax
+        tar.addfile(info, io.BytesIO(data))
+        tail = tarfile.TarInfo("etc/next")
+        tail.size = 600
+        tar.addfile(tail, io.BytesIO(b"\x05" * 600))
+    return out.getvalue()
+
+
+def test_hostile_headers_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(tarfile.HeaderError, match="bad PAX size '-512'"):
+        _members(_pax_archive({"size": "-512"}))
+    with pytest.raises(tarfile.HeaderError, match="sparse tar member"):
+        _members(_pax_archive({"GNU.sparse.major": "1", "GNU.sparse.minor": "0"}))
+    # A PAX header declaring 8 GiB: refused before any memory is taken for it.
+    header = bytearray(_pax_archive({"comment": "x"})[:512])
+    header[124:136] = b"77777777777\0"
+    header[148:156] = b" " * 8
+    header[148:155] = f"{sum(header):06o}\0".encode()
+    with pytest.raises(tarfile.HeaderError, match="too large"):
+        _members(bytes(header) + bytes(1024))
+    # GNU sparse members (tar -S) are refused, never read as a dense disk.
+    sparse = tmp_path / "disk"
+    sparse.mkdir()
+    with (sparse / "disk.img").open("wb") as f:
+        f.write(b"\x06" * 4096)
+        f.seek(1 << 20)
+        f.write(b"\x07" * 4096)
+    out = subprocess.run(["tar", "-S", "--format=gnu", "-C", str(tmp_path), "-cf", "-",
+                          "disk/disk.img"], capture_output=True, check=True).stdout
+    with pytest.raises(tarfile.HeaderError, match="sparse tar member"):
+        _members(out)

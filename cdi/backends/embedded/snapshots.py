@@ -114,7 +114,12 @@ class SnapshotController:
             return
         block = claim["spec"].get("volumeMode") == "Block"
         content_name = f"snapcontent-{meta['uid']}"
-        self._volumes.snapshot(pv["metadata"]["name"], content_name, block=block)
+        try:
+            self._volumes.snapshot(pv["metadata"]["name"], content_name, block=block)
+        except OSError as e:
+            reflink.remove(self._volumes.snapshot_path(content_name, block=block))
+            await self._error(snap, f"cannot take the snapshot: {e.strerror or e}")
+            return
         size = claim["status"]["capacity"]["storage"]
         content: Obj = {
             "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotContent",

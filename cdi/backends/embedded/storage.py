@@ -283,9 +283,22 @@ class Provisioner:
             except _NotYet as e:
                 await self._failed(pvc, str(e), retry=e.retry)
                 return
-            path = self._volumes.clone(origin, pv_name, block=block, size=size)
+            try:
+                path = self._volumes.clone(origin, pv_name, block=block, size=size)
+            except OSError as e:
+                # ENOSPC, a source gone under us: this claim waits, the others go on.
+                self._volumes.remove(pv_name)
+                await self._failed(pvc, f"cannot copy the volume: {e.strerror or e}",
+                                   retry=True)
+                return
         else:
-            path = self._volumes.create(pv_name, block=block, size=size, reflinked=reflinked)
+            try:
+                path = self._volumes.create(pv_name, block=block, size=size,
+                                            reflinked=reflinked)
+            except OSError as e:
+                await self._failed(pvc, f"cannot create the volume: {e.strerror or e}",
+                                   retry=True)
+                return
         self._retry.discard((meta["namespace"], meta["name"]))
         capacity = spec.get("resources", {}).get("requests", {}).get("storage", str(size))
         pv: Obj = {

@@ -54,11 +54,16 @@ CROSS_NAMESPACE = "CrossNamespace"
 MESSAGE_CROSS_NAMESPACE = ("Snapshot and CSI clones across namespaces are copied on the "
                            "embedded backend")
 POLL = 1.0
-TEMP_SOURCE = "cdi.kubevirt.io/cloneSourceTemporaryClaim"
+CLONE_FOR = "cdi.kubevirt.io/clone-for"  # label: "<ns>.<name>" of the DataVolume
 
 
 def source_pod_name(dv: Obj) -> str:
     return f"{dv['metadata']['uid']}-source-pod"
+
+
+def temp_source_name(dv: Obj) -> str:
+    """The claim a snapshot is restored into when it must be copied (CDI's name)."""
+    return f"tmp-source-pvc-{dv['metadata']['uid']}"
 
 
 def snapshot_name(dv: Obj) -> str:
@@ -128,7 +133,10 @@ class CloneController(DataVolumeController):
     async def reconcile(self, key: Key) -> Result | None:
         ns, name = key
         dv = await self._get("DataVolume", name, ns)
-        if dv is None or dv["metadata"].get("deletionTimestamp"):
+        if dv is None:
+            await self._remove_leftovers(ns, name)
+            return None
+        if dv["metadata"].get("deletionTimestamp"):
             return None
         phase = (dv.get("status") or {}).get("phase", "")
         if phase in ("Succeeded", "Failed"):
@@ -146,9 +154,8 @@ class CloneController(DataVolumeController):
             if kind == "snapshot":
                 return await self._start_from_snapshot(dv, src_ns, src_name)
             return await self._start(dv, src_ns, src_name)
-        temp = target["metadata"].get("annotations", {}).get(TEMP_SOURCE)
-        if temp:  # a snapshot restored for a host-assisted copy: copy from that claim
-            src_name = temp
+        if kind == "snapshot":  # restored into a claim of its own for a host-assisted copy
+            src_name = temp_source_name(dv)
         if not any(r.get("uid") == dv["metadata"]["uid"]
                    for r in target["metadata"].get("ownerReferences", [])):
             await self._set_status(dv, phase="Pending", bound=(
@@ -236,7 +243,7 @@ class CloneController(DataVolumeController):
             return Result(requeue_after=0.01)
         # Host-assisted: restore the snapshot into a claim of its own driver, copy from it.
         assert snap is not None and content is not None
-        temp = f"tmp-source-pvc-{dv['metadata']['uid']}"
+        temp = temp_source_name(dv)
         driver = content["spec"].get("driver")
         classes = sorted((c for c in (await self._store.list("StorageClass")).items
                           if c.get("provisioner") == driver),
@@ -248,7 +255,7 @@ class CloneController(DataVolumeController):
         claim: Obj = {
             "apiVersion": "v1", "kind": "PersistentVolumeClaim",
             "metadata": {"name": temp, "namespace": snap_ns,
-                         "labels": {"cdi.kubevirt.io/clone-for": f"{ns}.{name}"}},
+                         "labels": {CLONE_FOR: f"{ns}.{name}"}},
             "spec": {"accessModes": ["ReadWriteOnce"], "volumeMode": mode,
                      "storageClassName": classes[0]["metadata"]["name"],
                      "resources": {"requests": {"storage": snap["status"]["restoreSize"]}},
@@ -259,7 +266,6 @@ class CloneController(DataVolumeController):
         except api_errors.AlreadyExists:
             pass
         annotations[CLONE_REQUEST] = f"{snap_ns}/{temp}"
-        annotations[TEMP_SOURCE] = temp
         await self._create_target(dv, None, annotations, None, spec=spec)
         await self._set_status(dv, phase="CloneScheduled",
                                bound=("False", "Pending", f"PVC {name} Pending"))
@@ -277,9 +283,37 @@ class CloneController(DataVolumeController):
 
     # -- deciding ------------------------------------------------------------------
 
+    async def _remove_leftovers(self, ns: str, name: str) -> None:
+        """A deleted clone DataVolume: what it made outside its own claim goes too (the
+        source pod and its key, the temporary snapshot and restore, in any namespace)."""
+        selector = f"{CLONE_FOR}={ns}.{name}"
+        for kind in ("Pod", "Secret", "VolumeSnapshot", "PersistentVolumeClaim"):
+            for obj in (await self._store.list(kind, None, label_selector=selector)).items:
+                meta = obj["metadata"]
+                log.info("CLONE %s/%s deleted: removing %s %s/%s", ns, name, kind,
+                         meta.get("namespace"), meta["name"])
+                await self._delete(kind, meta["name"], meta.get("namespace", ""))
+
+    async def _unpopulated(self, src: Obj) -> str | None:
+        """Why the source claim holds no finished data yet (None: it does)."""
+        meta = src["metadata"]
+        owner = await self._get("DataVolume", meta["name"], meta["namespace"])
+        if owner is not None and (owner.get("status") or {}).get("phase") != "Succeeded":
+            return (f"The source pvc {meta['name']} is not populated yet: DataVolume "
+                    f"{meta['name']} is {(owner.get('status') or {}).get('phase') or 'Pending'}")
+        ann = meta.get("annotations") or {}
+        if A + "storage.upload.target" in ann and ann.get(POD_PHASE) != "Succeeded":
+            return f"The source pvc {meta['name']} is not populated yet: its upload is not done"
+        return None
+
     async def _start(self, dv: Obj, src_ns: str, src_name: str) -> Result | None:
         ns, name = dv["metadata"]["namespace"], dv["metadata"]["name"]
         src = await self._get("PersistentVolumeClaim", src_name, src_ns)
+        why = await self._unpopulated(src) if src is not None else None
+        if why is not None:
+            await self._set_status(dv, phase="CloneScheduled", bound=NO_PVC,
+                                   running=("False", "CloneSourceNotPopulated", why))
+            return Result(requeue_after=POLL)
         snap = await self._get("VolumeSnapshot", snapshot_name(dv), src_ns)
         if snap is not None:  # the snapshot strategy was chosen: restore when it is ready
             if not (snap.get("status") or {}).get("readyToUse"):
@@ -292,9 +326,9 @@ class CloneController(DataVolumeController):
         spec = await self._target_spec(dv, src)
         if spec is None:
             return Result(requeue_after=strategy.Wait.REQUEUE_AFTER)
-        decision, why = await self._decide(dv, src, src_name, spec)
+        decision, wait = await self._decide(dv, src, src_name, spec)
         if decision is None:
-            return why
+            return wait
         annotations = strategy.claim_annotations(decision)
         if decision.strategy != "copy" and src_ns != ns:
             decision = _cross_namespace()
@@ -306,7 +340,7 @@ class CloneController(DataVolumeController):
             await self._store.create({
                 "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
                 "metadata": {"name": snapshot_name(dv), "namespace": src_ns,
-                             "labels": {"cdi.kubevirt.io/clone-for": f"{ns}.{name}"}},
+                             "labels": {CLONE_FOR: f"{ns}.{name}"}},
                 "spec": {"source": {"persistentVolumeClaimName": src_name},
                          "volumeSnapshotClassName": decision.snapshot_class}})
             await self._set_status(dv, phase="SnapshotForSmartCloneInProgress", bound=NO_PVC)
@@ -389,8 +423,7 @@ class CloneController(DataVolumeController):
             return
         if data_source is not None:
             spec["dataSource"] = data_source
-        passed = {k: v for k, v in meta.get("annotations", {}).items()
-                  if k.startswith(A) or k in importpod.POD_ANNOTATIONS}
+        passed = importpod.passed_annotations(dv)
         pvc: Obj = {
             "apiVersion": "v1", "kind": "PersistentVolumeClaim",
             "metadata": {
@@ -589,9 +622,10 @@ class CloneController(DataVolumeController):
 
     async def _cleanup(self, dv: Obj, target: Obj, src_ns: str) -> None:
         ns, name = target["metadata"]["namespace"], target["metadata"]["name"]
-        temp = target["metadata"].get("annotations", {}).get(TEMP_SOURCE)
-        if temp:
-            await self._delete("PersistentVolumeClaim", temp, src_ns)
+        temp = await self._get("PersistentVolumeClaim", temp_source_name(dv), src_ns)
+        if temp is not None and (temp["metadata"].get("labels") or {}).get(CLONE_FOR) == \
+                f"{ns}.{name}":
+            await self._delete("PersistentVolumeClaim", temp_source_name(dv), src_ns)
         await self._delete("Pod", source_pod_name(dv), src_ns)
         await self._delete("Secret", source_pod_name(dv), src_ns)
         await self._delete("Pod", importpod.upload_pod_name(name), ns)

@@ -386,10 +386,26 @@ def test_clone_admission() -> None:
     assert e.value.status()["message"] == message
     assert e.value.causes == [{"reason": "FieldValueInvalid", "message": message,
                                "field": "spec.source.PVC.namespace"}]
-    # CDI lets pre-populated and static volumes through without a token
-    admission.admit(clone_dv("target-ns", "other", **{
-        "cdi.kubevirt.io/storage.prePopulated": "x"}), None, sa)
+    # CDI lets pre-populated and static volumes through, since it never clones them;
+    # our controllers do not honour those annotations, so they are no way around it.
+    for annotation in ("storage.prePopulated", "storage.checkStaticVolume"):
+        with pytest.raises(errors.Invalid):
+            admission.admit(clone_dv("target-ns", "other", **{
+                f"cdi.kubevirt.io/{annotation}": "x"}), None, sa)
     admission.admit(clone_dv("target-ns", "other"), None, AdmissionRequest(auth.ADMIN, Policy()))
+    # A sourceRef is checked against what its DataSource names.
+    by_ref = {"apiVersion": f"{CDI}/v1beta1", "kind": "DataVolume",
+              "metadata": {"name": "copy", "namespace": "target-ns"},
+              "spec": {"sourceRef": {"kind": "DataSource", "name": "golden"},
+                       "storage": {"resources": {"requests": {"storage": "1Gi"}}}}}
+    ds = {"apiVersion": f"{CDI}/v1beta1", "kind": "DataSource",
+          "metadata": {"name": "golden", "namespace": "target-ns"},
+          "spec": {"source": {"pvc": {"name": "golden", "namespace": "other"}}}}
+    with pytest.raises(errors.Invalid) as e:
+        admission.admit(by_ref, None, AdmissionRequest(SA_DEFAULT, POLICY, datasource=ds))
+    assert e.value.status()["message"] == message
+    allowed = {**ds, "spec": {"source": {"pvc": {"name": "golden", "namespace": "source-ns"}}}}
+    admission.admit(by_ref, None, AdmissionRequest(SA_DEFAULT, POLICY, datasource=allowed))
 
 
 # --- Privilege escalation -----------------------------------------------------------------------
