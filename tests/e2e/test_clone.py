@@ -380,3 +380,46 @@ def test_csi_clone_fallbacks_on_real_clones(reflink_server: Server, tmp_path: Pa
     assert (ann[A + "cloneType"], ann[A + "cloneFallbackReason"]) == ("copy", message)
     assert (reason, message) in _events(server, "dst")
     assert qemu_img.compare(str(raw), str(volume_of(server, "dst")))
+
+
+def test_controller_annotations_on_a_datavolume_are_not_passed_on(server: Server,
+                                                                 tmp_path: Path) -> None:
+    """A DataVolume cannot name a claim for the controller to delete, nor fake a result."""
+    raw = _source(server, tmp_path, "golden", cls="local")
+    victim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+              "metadata": {"name": "victim"},
+              "spec": {"accessModes": ["ReadWriteOnce"],
+                       "resources": {"requests": {"storage": "8Mi"}}}}
+    assert server.create(victim).status_code == 201
+    dv = _clone("sneaky", "golden", cls="local")
+    dv["metadata"]["annotations"] = {A + "cloneSourceTemporaryClaim": "victim",
+                                     A + "storage.pod.phase": "Succeeded"}
+    assert server.create(dv).status_code == 201
+    seen = _phases(server, "sneaky")
+    assert seen[-1] == "Succeeded", seen
+    assert qemu_img.compare(str(raw), str(volume_of(server, "sneaky")))
+    ann = server.get("pvc", "sneaky")["metadata"]["annotations"]
+    assert A + "cloneSourceTemporaryClaim" not in ann
+    assert server.get("pvc", "victim")["status"]["phase"] == "Bound"
+
+
+def test_deleting_a_clone_mid_copy_removes_its_workers(server: Server, tmp_path: Path) -> None:
+    raw = images.make_raw(tmp_path / "src.raw", virtual_size=1024 * MiB,
+                          extents=[(i * 128 * MiB, 48 * MiB) for i in range(8)], seed=13)
+    p = server.cli("image-upload", "dv", "src", "--image-path", str(raw), "--size", "1Gi",
+                   "--storage-class", "local")
+    assert p.returncode == 0, p.stderr
+    assert server.create(_clone("gone", "src", cls="local", size="1Gi")).status_code == 201
+    _wait_event(server, "gone", "CloneInProgress")
+    uid = server.get("dv", "gone")["metadata"]["uid"]
+    assert server.session.delete(server.path("dv", "gone"), timeout=10).status_code == 200
+    deadline = time.monotonic() + 30
+    for kind, name in (("pod", f"{uid}-source-pod"), ("secret", f"{uid}-source-pod"),
+                       ("pod", "cdi-upload-gone"), ("pvc", "gone")):
+        while server.session.get(server.path(kind, name), timeout=10).status_code != 404:
+            assert time.monotonic() < deadline, (kind, name)
+            time.sleep(0.1)
+    # The source is free again: a new clone of it is not held up.
+    assert server.create(_clone("again", "src", cls="local", size="1Gi")).status_code == 201
+    seen = _phases(server, "again", timeout=120)
+    assert seen[-1] == "Succeeded", seen
