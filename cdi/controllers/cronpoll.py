@@ -21,6 +21,7 @@ import binascii
 import dataclasses
 import hashlib
 import logging
+import re
 import tempfile
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def _poll(ref: oci.Reference, target: PollTarget, cert_dir: Path | None) -> str:
         with r:
             digest = r.headers.get("Docker-Content-Digest", "")
             status = r.status_code
-        if status == 200 and digest.startswith("sha256:") and len(digest) == 71:
+        if status == 200 and re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
             log.info("POLL image=%s digest=%s (HEAD)", ref, digest)
             return digest
         if status not in (200, 405):
