@@ -54,6 +54,7 @@ CROSS_NAMESPACE = "CrossNamespace"
 MESSAGE_CROSS_NAMESPACE = ("Snapshot and CSI clones across namespaces are copied on the "
                            "embedded backend")
 POLL = 1.0
+CLONE_CERT_DAYS = 2  # a clone's client certificate outlives the clone only briefly
 CLONE_FOR = "cdi.kubevirt.io/clone-for"  # label: "<ns>.<name>" of the DataVolume
 
 
@@ -582,7 +583,7 @@ class CloneController(DataVolumeController):
         if self._client_signer is not None and self._upload_tls is not None:
             issued = self._client_signer.issue(
                 client_name(src_meta["namespace"], src_meta["name"], meta["namespace"],
-                            meta["name"]), client=True)
+                            meta["name"]), client=True, days=CLONE_CERT_DAYS)
             secret: Obj = {
                 "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
                 "metadata": {"name": name, "namespace": src_meta["namespace"],
