@@ -214,6 +214,14 @@ class DataVolumeController:
             if bound and _RANK.get(dv.get("status", {}).get("phase", ""), 9) < 1:
                 await self._set_status(dv, phase="PVCBound", bound=bound_cond)
                 return Result(requeue_after=0.01)
+            missing = await self._missing_pull_secret(dv)
+            if missing is not None:
+                # Its keys are optional for the pod (a .dockerconfigjson secret has
+                # none of them), so without this check it would pull anonymously.
+                await self._set_status(dv, phase=op.scheduled, bound=bound_cond,
+                                       running=("False", "CreateContainerConfigError",
+                                                missing), warn=missing)
+                return Result(requeue_after=5.0)
             await self._create_pod(dv, pvc, scratch=ann.get(REQUIRES_SCRATCH) == "true")
             await self._set_status(dv, phase=op.scheduled, bound=bound_cond,
                                    running=("False", "Pending", op.pod_scheduled))
@@ -311,6 +319,13 @@ class DataVolumeController:
         await self._set_status(dv, phase=op.scheduled, bound=bound_cond,
                                running=("False", "Pending", op.pod_scheduled))
         return None
+
+    async def _missing_pull_secret(self, dv: Obj) -> str | None:
+        registry = (dv["spec"].get("source") or {}).get("registry") or {}
+        name = registry.get("secretRef")
+        if not name or await self._get("Secret", name, dv["metadata"]["namespace"]):
+            return None
+        return f'secret "{name}" not found'
 
     # -- objects ----------------------------------------------------------------
 

@@ -197,3 +197,19 @@ def test_no_reflink_class_where_extents_cannot_be_shared(tmp_path: Path) -> None
         finally:
             server.session.close()
             server.stop()
+
+
+def test_snapshot_of_a_claim_that_comes_later(reflink_server: Server) -> None:
+    server = reflink_server
+    snap = {"apiVersion": f"{SNAP}/v1", "kind": "VolumeSnapshot", "metadata": {"name": "early"},
+            "spec": {"source": {"persistentVolumeClaimName": "later"}}}
+    assert server.create(snap).status_code == 201
+    waiting = server.wait_for("volumesnapshot", "early",
+                              lambda o: bool((o.get("status") or {}).get("error") or {}))
+    assert waiting["status"]["error"]["message"] == (
+        'failed to get input parameters to create snapshot early: '
+        'persistentvolumeclaim "later" not found')
+    assert server.create(_claim("later", "64Mi")).status_code == 201
+    ready = server.wait_for("volumesnapshot", "early",
+                            lambda o: (o.get("status") or {}).get("readyToUse") is True)
+    assert "error" not in ready["status"] or not ready["status"]["error"]

@@ -246,3 +246,18 @@ def test_node_pull_is_refused_on_the_embedded_backend(server: Server,
                    "use pullMethod pod (the default)")
     r = server.session.get(server.path("pvc", "nodepull"), timeout=10)
     assert r.status_code == 404, "nothing is provisioned for it"
+
+
+def test_a_missing_pull_secret_is_named(server: Server, plain_registry: Registry,
+                                        disk: Path) -> None:
+    url = f"docker://{plain_registry.ref('tools/disk')}"
+    _push(server, disk, url, "--insecure")
+    _allow(server, plain_registry)
+    assert server.create(_dv("secretless", url, secretRef="typo")).status_code == 201
+    dv = server.wait_for("dv", "secretless", lambda o: condition(o, "Running").get("reason")
+                         == "CreateContainerConfigError")
+    assert condition(dv, "Running")["message"] == 'secret "typo" not found'
+    _secret(server, "typo", {"accessKeyId": "", "secretKey": ""})
+    dv = server.wait_for("dv", "secretless", lambda o: phase(o) in ("Succeeded", "Failed"),
+                         timeout=90)
+    assert phase(dv) == "Succeeded", dv["status"]

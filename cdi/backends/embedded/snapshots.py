@@ -16,7 +16,12 @@ import logging
 
 from cdi.api import errors
 from cdi.backends.embedded import reflink
-from cdi.backends.embedded.storage import REFLINK_PROVISIONER, Volumes, event
+from cdi.backends.embedded.storage import (
+    REFLINK_PROVISIONER,
+    RETRY_INTERVAL,
+    Volumes,
+    event,
+)
 from cdi.backends.port import Obj, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -33,8 +38,28 @@ class SnapshotController:
         self._store = store
         self._volumes = volumes
         self._lock = asyncio.Lock()
+        self._retry: set[tuple[str, str]] = set()  # snapshots waiting on their claim
 
     async def run(self) -> None:
+        retry = asyncio.create_task(self._retry_loop())
+        try:
+            await self._watch()
+        finally:
+            retry.cancel()
+
+    async def _retry_loop(self) -> None:
+        """A snapshot whose claim was missing or not bound is tried again each second."""
+        while True:
+            await asyncio.sleep(RETRY_INTERVAL)
+            for ns, name in list(self._retry):
+                self._retry.discard((ns, name))
+                try:
+                    snap = await self._store.get("VolumeSnapshot", name, ns)
+                except errors.NotFound:
+                    continue
+                await self._handle("MODIFIED", snap)
+
+    async def _watch(self) -> None:
         while True:
             try:
                 listed = await self._store.list("VolumeSnapshot")
@@ -95,10 +120,12 @@ class SnapshotController:
         try:
             claim = await self._store.get("PersistentVolumeClaim", claim_name, ns)
         except errors.NotFound:
+            self._retry.add((ns, name))
             await self._error(snap, f'failed to get input parameters to create snapshot {name}: '
                                     f'persistentvolumeclaim "{claim_name}" not found')
             return
         if claim.get("status", {}).get("phase") != "Bound":
+            self._retry.add((ns, name))
             await self._error(snap, f'the source claim "{claim_name}" is not bound')
             return
         pv = await self._store.get("PersistentVolume", claim["spec"]["volumeName"])

@@ -318,7 +318,11 @@ class CloneController(DataVolumeController):
         snap = await self._get("VolumeSnapshot", snapshot_name(dv), src_ns)
         if snap is not None:  # the snapshot strategy was chosen: restore when it is ready
             if not (snap.get("status") or {}).get("readyToUse"):
-                await self._set_status(dv, phase="SnapshotForSmartCloneInProgress", bound=NO_PVC)
+                error = ((snap.get("status") or {}).get("error") or {}).get("message")
+                await self._set_status(
+                    dv, phase="SnapshotForSmartCloneInProgress", bound=NO_PVC,
+                    running=("False", "SnapshotFailed", str(error)) if error else None,
+                    warn=str(error) if error else None, warn_reason="SnapshotFailed")
                 return Result(requeue_after=POLL)
             await self._create_target(dv, src, {strategy.ANN_CLONE_TYPE: "snapshot"}, {
                 "apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot",
