@@ -21,6 +21,7 @@ from cdi.backends.embedded.storage import (
     RETRY_INTERVAL,
     Volumes,
     event,
+    watch_all,
 )
 from cdi.backends.port import Obj, ObjectStore
 
@@ -60,22 +61,7 @@ class SnapshotController:
                 await self._handle("MODIFIED", snap)
 
     async def _watch(self) -> None:
-        while True:
-            try:
-                listed = await self._store.list("VolumeSnapshot")
-                for snap in listed.items:
-                    await self._handle("ADDED", snap)
-                async for ev in self._store.watch("VolumeSnapshot",
-                                                  resource_version=listed.resource_version):
-                    await self._handle(ev.type, ev.object)
-                return
-            except asyncio.CancelledError:
-                raise
-            except errors.Gone:
-                continue
-            except Exception:
-                log.exception("SNAPSHOTS watch failed; relisting")
-                await asyncio.sleep(1)
+        await watch_all(self._store, "VolumeSnapshot", self._handle)
 
     async def _handle(self, event_type: str, snap: Obj) -> None:
         async with self._lock:

@@ -25,6 +25,7 @@ import json
 import logging
 import secrets
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,27 @@ def requested_bytes(pvc: Obj) -> int:
     return units.parse_quantity(str(text))
 
 
+async def watch_all(store: ObjectStore, kind: str,
+                    handle: Callable[[str, Obj], Awaitable[None]]) -> None:
+    """List KIND, then follow its watch; relist after 410 Gone or an error.  Every
+    object is handed to HANDLE as ADDED first, then each event as it comes."""
+    while True:
+        try:
+            listed = await store.list(kind)
+            for obj in listed.items:
+                await handle("ADDED", obj)
+            async for ev in store.watch(kind, resource_version=listed.resource_version):
+                await handle(ev.type, ev.object)
+            return
+        except asyncio.CancelledError:
+            raise
+        except errors.Gone:
+            continue
+        except Exception:
+            log.exception("WATCH %s failed; relisting", kind)
+            await asyncio.sleep(1)
+
+
 class _NotYet(Exception):
     """A claim's dataSource cannot be used (yet: ``retry``; or at all)."""
 
@@ -222,22 +244,7 @@ class Provisioner:
             retry.cancel()
 
     async def _watch(self) -> None:
-        while True:
-            try:
-                listed = await self._store.list("PersistentVolumeClaim")
-                for pvc in listed.items:
-                    await self._handle("ADDED", pvc)
-                async for ev in self._store.watch("PersistentVolumeClaim",
-                                                  resource_version=listed.resource_version):
-                    await self._handle(ev.type, ev.object)
-                return
-            except asyncio.CancelledError:
-                raise
-            except errors.Gone:
-                continue
-            except Exception:
-                log.exception("PROVISIONER watch failed; relisting")
-                await asyncio.sleep(1)
+        await watch_all(self._store, "PersistentVolumeClaim", self._handle)
 
     async def _handle(self, event: str, pvc: Obj) -> None:
         async with self._lock:

@@ -22,9 +22,7 @@ a clone across namespaces is copied, with that reason.
 
 from __future__ import annotations
 
-import base64
 import copy as copy_mod
-import hashlib
 import logging
 from typing import Any
 
@@ -32,7 +30,14 @@ from cdi.api import defaults, pki
 from cdi.api import errors as api_errors
 from cdi.backends.port import Obj, ObjectStore
 from cdi.controllers import events, importpod
-from cdi.controllers.clone import strategy
+from cdi.controllers.clone import pods, strategy
+from cdi.controllers.clone.pods import (
+    CLONE_FOR,
+    client_name,
+    snapshot_name,
+    source_pod_name,
+    temp_source_name,
+)
 from cdi.controllers.datavolume import (
     FATAL,
     NO_PVC,
@@ -49,38 +54,10 @@ log = logging.getLogger(__name__)
 A = importpod.ANN
 CLONE_REQUEST = "k8s.io/CloneRequest"
 CLONE_OF = "k8s.io/CloneOf"
-SOURCE_MOUNT = "/var/run/cdi/clone/source"
 CROSS_NAMESPACE = "CrossNamespace"
 MESSAGE_CROSS_NAMESPACE = ("Snapshot and CSI clones across namespaces are copied on the "
                            "embedded backend")
 POLL = 1.0
-CLONE_CERT_DAYS = 2  # a clone's client certificate outlives the clone only briefly
-CLONE_FOR = "cdi.kubevirt.io/clone-for"  # label: "<ns>.<name>" of the DataVolume
-
-
-def source_pod_name(dv: Obj) -> str:
-    return f"{dv['metadata']['uid']}-source-pod"
-
-
-def temp_source_name(dv: Obj) -> str:
-    """The claim a snapshot is restored into when it must be copied (CDI's name)."""
-    return f"tmp-source-pvc-{dv['metadata']['uid']}"
-
-
-def snapshot_name(dv: Obj) -> str:
-    return f"tmp-snapshot-{dv['metadata']['uid']}"
-
-
-def client_name(source_ns: str, source: str, target_ns: str, target: str) -> str:
-    """The identity the clone-mode upload server requires of its client (CDI's form).
-
-    A certificate's common name holds at most 64 characters; a longer name is
-    replaced by a digest of it, the same on both sides.
-    """
-    name = f"{source_ns}/{source}-{target_ns}/{target}"
-    if len(name) <= 64:
-        return name
-    return "clone-" + hashlib.sha256(name.encode()).hexdigest()[:40]
 
 
 class _NoSource(Exception):
@@ -100,8 +77,8 @@ def _cross_namespace() -> strategy.Decision:
 def _dv_keys(obj: Obj) -> list[Key]:
     """Objects of a clone carry the DataVolume's namespace and name in labels."""
     labels = obj.get("metadata", {}).get("labels", {})
-    if "cdi.kubevirt.io/clone-for" in labels:
-        ns, _, name = labels["cdi.kubevirt.io/clone-for"].partition(".")
+    if CLONE_FOR in labels:
+        ns, _, name = labels[CLONE_FOR].partition(".")
         return [(ns, name)]
     return list(owner_keys("DataVolume")(obj))
 
@@ -566,60 +543,16 @@ class CloneController(DataVolumeController):
             pass
 
     async def _create_source_pod(self, dv: Obj, target: Obj, src: Obj, address: str) -> None:
-        src_meta, meta = src["metadata"], target["metadata"]
-        name = source_pod_name(dv)
-        env: list[dict[str, Any]] = [
-            {"name": "UPLOAD_URL", "value": f"https://{address}/v1beta1/upload"},
-            {"name": "OWNER_UID", "value": dv["metadata"]["uid"]},
-        ]
-        volumes: list[Obj] = [{"name": "cdi-clone-source", "persistentVolumeClaim": {
-            "claimName": src_meta["name"], "readOnly": True}}]
-        container: Obj = {"name": "cdi-clone-source", "image": "cdi-clone-source",
-                          "command": ["cdi-clone-source"], "env": env,
-                          "ports": [{"name": "metrics", "containerPort": 8443}],
-                          "terminationMessagePolicy": "FallbackToLogsOnError"}
-        if src["spec"].get("volumeMode") == "Block":
-            container["volumeDevices"] = [{"name": "cdi-clone-source",
-                                           "devicePath": "/dev/cdi-block-volume"}]
-        else:
-            container["volumeMounts"] = [{"name": "cdi-clone-source", "mountPath": SOURCE_MOUNT,
-                                          "readOnly": True}]
+        tls = self._client_signer is not None and self._upload_tls is not None
+        objects = [pods.source_pod(dv, target, src, address, tls=tls)]
         if self._client_signer is not None and self._upload_tls is not None:
-            issued = self._client_signer.issue(
-                client_name(src_meta["namespace"], src_meta["name"], meta["namespace"],
-                            meta["name"]), client=True, days=CLONE_CERT_DAYS)
-            secret: Obj = {
-                "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-                "metadata": {"name": name, "namespace": src_meta["namespace"],
-                             "labels": {"cdi.kubevirt.io/clone-for":
-                                        f"{meta['namespace']}.{meta['name']}"}},
-                "data": {"tls.crt": base64.b64encode(issued.cert_pem).decode(),
-                         "tls.key": base64.b64encode(issued.key_pem).decode(),
-                         "ca.crt": base64.b64encode(self._upload_tls.signer.cert_pem).decode()}}
+            objects.insert(0, pods.source_secret(dv, target, src, self._client_signer,
+                                                 self._upload_tls.signer.cert_pem))
+        for obj in objects:
             try:
-                await self._store.create(secret)
+                await self._store.create(obj)
             except api_errors.AlreadyExists:
                 pass
-            volumes.append({"name": "tls-secret", "secret": {"secretName": name}})
-            container.setdefault("volumeMounts", []).append(
-                {"name": "tls-secret", "mountPath": "/etc/tls/clone", "readOnly": True})
-            env += [{"name": "CLIENT_CERT_FILE", "value": "/etc/tls/clone/tls.crt"},
-                    {"name": "CLIENT_KEY_FILE", "value": "/etc/tls/clone/tls.key"},
-                    {"name": "SERVER_CA_FILE", "value": "/etc/tls/clone/ca.crt"}]
-        pod: Obj = {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": src_meta["namespace"],
-                         "labels": {"app": "containerized-data-importer",
-                                    "cdi.kubevirt.io": "cdi-clone-source",
-                                    "cdi.kubevirt.io/clone-for":
-                                        f"{meta['namespace']}.{meta['name']}"}},
-            "spec": {"restartPolicy": "OnFailure", "containers": [container],
-                     "volumes": volumes},
-        }
-        try:
-            await self._store.create(pod)
-        except api_errors.AlreadyExists:
-            pass
 
     async def _clone_progress(self, dv: Obj, pod: Obj
                               ) -> tuple[str | None, dict[str, Any] | None]:

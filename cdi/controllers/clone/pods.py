@@ -1,0 +1,103 @@
+"""The objects of a host-assisted clone, as pure functions of the DataVolume and claims.
+
+The clone controller decides when they exist; this module says what they are:
+CDI's names (source pod, temporary snapshot and restore), the client identity
+the clone-mode upload server requires, and the source pod with its client
+certificate Secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from typing import Any
+
+from cdi.api import pki
+from cdi.backends.port import Obj
+
+SOURCE_MOUNT = "/var/run/cdi/clone/source"
+CLONE_FOR = "cdi.kubevirt.io/clone-for"  # label: "<ns>.<name>" of the DataVolume
+CLONE_CERT_DAYS = 2  # a clone's client certificate outlives the clone only briefly
+CLIENT_TLS_DIR = "/etc/tls/clone"
+
+
+def source_pod_name(dv: Obj) -> str:
+    return f"{dv['metadata']['uid']}-source-pod"
+
+
+def temp_source_name(dv: Obj) -> str:
+    """The claim a snapshot is restored into when it must be copied (CDI's name)."""
+    return f"tmp-source-pvc-{dv['metadata']['uid']}"
+
+
+def snapshot_name(dv: Obj) -> str:
+    return f"tmp-snapshot-{dv['metadata']['uid']}"
+
+
+def client_name(source_ns: str, source: str, target_ns: str, target: str) -> str:
+    """The identity the clone-mode upload server requires of its client (CDI's form).
+
+    A certificate's common name holds at most 64 characters; a longer name is
+    replaced by a digest of it, the same on both sides.
+    """
+    name = f"{source_ns}/{source}-{target_ns}/{target}"
+    if len(name) <= 64:
+        return name
+    return "clone-" + hashlib.sha256(name.encode()).hexdigest()[:40]
+
+
+def clone_for(target: Obj) -> str:
+    meta = target["metadata"]
+    return f"{meta['namespace']}.{meta['name']}"
+
+
+def source_secret(dv: Obj, target: Obj, src: Obj, client_signer: pki.Signer,
+                  server_ca_pem: bytes) -> Obj:
+    """The source worker's client certificate and the CA of the upload servers."""
+    src_meta, meta = src["metadata"], target["metadata"]
+    issued = client_signer.issue(
+        client_name(src_meta["namespace"], src_meta["name"], meta["namespace"], meta["name"]),
+        client=True, days=CLONE_CERT_DAYS)
+    return {
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": source_pod_name(dv), "namespace": src_meta["namespace"],
+                     "labels": {CLONE_FOR: clone_for(target)}},
+        "data": {"tls.crt": base64.b64encode(issued.cert_pem).decode(),
+                 "tls.key": base64.b64encode(issued.key_pem).decode(),
+                 "ca.crt": base64.b64encode(server_ca_pem).decode()}}
+
+
+def source_pod(dv: Obj, target: Obj, src: Obj, address: str, *, tls: bool) -> Obj:
+    """The clone source worker, sending SRC to the upload server at ADDRESS."""
+    name = source_pod_name(dv)
+    env: list[dict[str, Any]] = [
+        {"name": "UPLOAD_URL", "value": f"https://{address}/v1beta1/upload"},
+        {"name": "OWNER_UID", "value": dv["metadata"]["uid"]},
+    ]
+    volumes: list[Obj] = [{"name": "cdi-clone-source", "persistentVolumeClaim": {
+        "claimName": src["metadata"]["name"], "readOnly": True}}]
+    container: Obj = {"name": "cdi-clone-source", "image": "cdi-clone-source",
+                      "command": ["cdi-clone-source"], "env": env,
+                      "ports": [{"name": "metrics", "containerPort": 8443}],
+                      "terminationMessagePolicy": "FallbackToLogsOnError"}
+    if src["spec"].get("volumeMode") == "Block":
+        container["volumeDevices"] = [{"name": "cdi-clone-source",
+                                       "devicePath": "/dev/cdi-block-volume"}]
+    else:
+        container["volumeMounts"] = [{"name": "cdi-clone-source", "mountPath": SOURCE_MOUNT,
+                                      "readOnly": True}]
+    if tls:
+        volumes.append({"name": "tls-secret", "secret": {"secretName": name}})
+        container.setdefault("volumeMounts", []).append(
+            {"name": "tls-secret", "mountPath": CLIENT_TLS_DIR, "readOnly": True})
+        env += [{"name": "CLIENT_CERT_FILE", "value": f"{CLIENT_TLS_DIR}/tls.crt"},
+                {"name": "CLIENT_KEY_FILE", "value": f"{CLIENT_TLS_DIR}/tls.key"},
+                {"name": "SERVER_CA_FILE", "value": f"{CLIENT_TLS_DIR}/ca.crt"}]
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": src["metadata"]["namespace"],
+                     "labels": {"app": "containerized-data-importer",
+                                "cdi.kubevirt.io": "cdi-clone-source",
+                                CLONE_FOR: clone_for(target)}},
+        "spec": {"restartPolicy": "OnFailure", "containers": [container], "volumes": volumes},
+    }
