@@ -19,6 +19,9 @@ CDI's ``dataimportcron-controller.go`` (reference 1.3, 6.1-6.4), for
 - **Completion.**  Only a Succeeded DataVolume moves the managed DataSource to
   it; a failed import keeps the DataSource on the last good volume and is
   deleted when a newer digest arrives.  Then old imports are garbage-collected.
+- **Storage** (``cronsource``): the class and the PVC or snapshot format come from
+  the template and the class's StorageProfile; a new class re-imports; with the
+  snapshot format the DataSource moves only once the new snapshot is ready.
 - **Deletion.**  With ``retentionPolicy: None`` the labelled DataSource,
   DataVolumes and claims go with the cron; by default they stay.
 
@@ -37,7 +40,7 @@ from typing import Any
 from cdi.api import cron
 from cdi.api import errors as api_errors
 from cdi.backends.port import Obj, ObjectStore
-from cdi.controllers import cronpoll, events
+from cdi.controllers import cronpoll, cronsource, events
 from cdi.controllers.cronnames import (
     ANN_LAST_USE_TIME,
     digested_url,
@@ -119,10 +122,19 @@ class DataImportCronController:
         self._clock = clock
         self._poller = poller
         self._poll_errors: dict[Key, str] = {}  # the last failure reported, per cron
+        # Per cron: its storage class and whether the template names it (for the mappers).
+        self._classes: dict[Key, tuple[str, bool]] = {}
 
     def watches(self) -> dict[str, Mapper]:
         return {"DataVolume": _cron_of, "PersistentVolumeClaim": _cron_of,
-                "DataSource": _cron_of}
+                "DataSource": _cron_of, "VolumeSnapshot": _cron_of,
+                "StorageClass": self._crons_of_class, "StorageProfile": self._crons_of_class}
+
+    def _crons_of_class(self, obj: Obj) -> list[Key]:
+        """Crons whose imports go to this class, or to whatever class is the default."""
+        name = obj.get("metadata", {}).get("name", "")
+        return [key for key, (cls, explicit) in self._classes.items()
+                if cls == name or not explicit]
 
     # -- reconcile ----------------------------------------------------------------------
 
@@ -131,6 +143,7 @@ class DataImportCronController:
         dic = await self._get("DataImportCron", name, ns)
         if dic is None or dic["metadata"].get("deletionTimestamp"):
             self._poll_errors.pop(key, None)
+            self._classes.pop(key, None)
             await self.cleanup(ns, name)
             return None
         if not await self._should_reconcile(dic):
@@ -168,6 +181,22 @@ class DataImportCronController:
             pvc = await self._get("PersistentVolumeClaim",
                                   imports[0].get("DataVolumeName", ""), ns)
 
+        key = (ns, dic["metadata"]["name"])
+        sc = await cronsource.desired_class(self._store, dic)
+        sc_name = sc["metadata"]["name"] if sc is not None else ""
+        self._classes[key] = (sc_name, bool(cronsource.explicit_class(dic)))
+        if sc is not None:
+            if await self._delete_outdated_pending(pvc, sc_name, key[1]):
+                return None  # its deletion brings us back
+            current_sc = ann.get(cronsource.ANN_STORAGE_CLASS)
+            if current_sc and current_sc != sc_name:
+                await self._change_class(dic, current_sc, sc_name)
+                return Result(requeue_after=1.0)
+            ann[cronsource.ANN_STORAGE_CLASS] = sc_name
+        fmt = await cronsource.source_format(self._store, sc)
+        snapshot = await self._get("VolumeSnapshot", imports[0].get("DataVolumeName", ""),
+                                   ns) if imports else None
+
         succeeded = False
         if dv is not None:
             phase = str((dv.get("status") or {}).get("phase") or "")
@@ -184,6 +213,16 @@ class DataImportCronController:
                               MSG_DV_PHASE.format(phase=phase), stamp)
         elif pvc is not None and (pvc.get("status") or {}).get("phase") == "Bound":
             succeeded = True
+        elif snapshot is not None:
+            if fmt == cronsource.PVC:
+                log.info("[%s/%s] dataimportcron: the format is pvc again; deleting snapshot %s",
+                         ns, key[1], snapshot["metadata"]["name"])
+                await self._delete("VolumeSnapshot", snapshot["metadata"]["name"], ns)
+                return Result(requeue_after=1.0)
+            if sc is not None and await cronsource.snapshot_class_changed(
+                    self._store, snapshot, sc_name, dic):
+                return Result(requeue_after=1.0)
+            succeeded = True
         else:
             imports = imports[1:]
             set_condition(conditions, PROGRESSING, "False", REASON_NO_IMPORT, MSG_NO_IMPORT,
@@ -198,9 +237,17 @@ class DataImportCronController:
                 await self._mark_used(dic, current, now)
             set_condition(conditions, PROGRESSING, "False", REASON_NO_IMPORT, MSG_NO_IMPORT,
                           stamp)
-            await self._collect_garbage(dic)
+            if fmt == cronsource.SNAPSHOT and pvc is not None:
+                await cronsource.snapshot_import(self._store, dic, pvc, sc_name,
+                                                 self._labels(dic), now)
 
-        await self._update_data_source(dic, status.get("lastImportedPVC"))
+        point_at = status.get("lastImportedPVC")
+        if fmt == cronsource.SNAPSHOT and isinstance(point_at, dict) and not cronsource.ready(
+                await self._get("VolumeSnapshot", point_at.get("name", ""), ns)):
+            point_at = None  # keep the last good source until the new snapshot is ready
+        await self._update_data_source(dic, point_at, fmt)
+        if succeeded:  # after the DataSource moved: what it served before may go now
+            await self._collect_garbage(dic)
 
         result: Result | None = None
         if polled(new):
@@ -216,9 +263,13 @@ class DataImportCronController:
                 if created is not None:
                     imports = [{"DataVolumeName": created, "Digest": desired}]
         elif succeeded:
-            set_condition(conditions, UP_TO_DATE, "True", REASON_UP_TO_DATE, MSG_UP_TO_DATE,
-                          stamp)
-            status["sourceFormat"] = "pvc"
+            status["sourceFormat"] = fmt
+            if fmt == cronsource.PVC or cronsource.ready(snapshot):
+                set_condition(conditions, UP_TO_DATE, "True", REASON_UP_TO_DATE,
+                              MSG_UP_TO_DATE, stamp)
+            elif snapshot is not None:  # a new snapshot's creation brings us back
+                set_condition(conditions, UP_TO_DATE, "False", REASON_IN_PROGRESS,
+                              cronsource.MSG_SNAPSHOT_PROGRESSING, stamp)
         elif imports:
             set_condition(conditions, UP_TO_DATE, "False", REASON_IN_PROGRESS, MSG_IN_PROGRESS,
                           stamp)
@@ -291,9 +342,10 @@ class DataImportCronController:
             log.warning("[%s/%s] dataimportcron: digest %r: %s", ns, dic["metadata"]["name"],
                         digest, e)
             return None
-        if await self._get("PersistentVolumeClaim", name, ns) is not None:
-            await self._mark_used(dic, name, now)
-            return name  # an earlier import of this digest: reuse it
+        for kind in ("VolumeSnapshot", "PersistentVolumeClaim"):
+            if await self._get(kind, name, ns) is not None:
+                await self._mark_used(dic, name, now, kind)
+                return name  # an earlier import of this digest: reuse it
         template: Obj = copy.deepcopy(dic["spec"].get("template") or {})
         spec: Obj = template.get("spec") or {}
         registry = (spec.get("source") or {}).get("registry")
@@ -340,17 +392,18 @@ class DataImportCronController:
             pass
         return True
 
-    async def _mark_used(self, dic: Obj, name: str, now: datetime.datetime) -> None:
-        """Refresh ``lastUseTime`` (and the cron's labels) on an imported claim."""
+    async def _mark_used(self, dic: Obj, name: str, now: datetime.datetime,
+                         kind: str = "PersistentVolumeClaim") -> None:
+        """Refresh ``lastUseTime`` (and the cron's labels) on an imported claim or snapshot."""
         ns = dic["metadata"]["namespace"]
-        pvc = await self._get("PersistentVolumeClaim", name, ns)
-        if pvc is None:
+        obj = await self._get(kind, name, ns)
+        if obj is None:
             return
-        labels = self._labels(dic, pvc["metadata"].get("labels"))
+        labels = self._labels(dic, obj["metadata"].get("labels"))
         patch = {"metadata": {"annotations": {ANN_LAST_USE_TIME: rfc3339nano(now)},
                               "labels": labels}}
         try:
-            await self._store.patch("PersistentVolumeClaim", name, ns, patch)
+            await self._store.patch(kind, name, ns, patch)
         except api_errors.NotFound:
             pass
 
@@ -362,25 +415,71 @@ class DataImportCronController:
         keep = keep if isinstance(keep, int) and keep >= 0 else DEFAULT_IMPORTS_TO_KEEP
         ns, name = dic["metadata"]["namespace"], dic["metadata"]["name"]
         selector = f"{LABEL_CRON}={name}"
+        # What the DataSource serves now is never collected, however old: with the
+        # snapshot format it stays there until the newer snapshot is ready.
+        ds = await self._get("DataSource", spec.get("managedDataSource") or "", ns)
+        in_use = {str(s.get("name")) for s in ((ds or {}).get("spec", {}).get("source") or {})
+                  .values() if isinstance(s, dict) and s.get("namespace", ns) == ns}
         pvcs = (await self._store.list("PersistentVolumeClaim", ns,
                                        label_selector=selector)).items
         dvs = (await self._store.list("DataVolume", ns, label_selector=selector)).items
         for victim in garbage([*pvcs, *dvs], keep):
-            log.info("[%s/%s] dataimportcron: deleting old import %s", ns, name, victim)
-            await self._delete_volume(victim, ns)
-
-    async def _delete_volume(self, name: str, ns: str) -> None:
-        """The DataVolume (its claim goes with it), else the claim."""
-        for kind in ("DataVolume", "PersistentVolumeClaim"):
-            try:
-                await self._store.delete(kind, name, ns)
-                return
-            except api_errors.NotFound:
+            if victim in in_use:
                 continue
+            log.info("[%s/%s] dataimportcron: deleting old import %s", ns, name, victim)
+            await cronsource.delete_volume(self._store, victim, ns)
+        snapshots = (await self._store.list("VolumeSnapshot", ns,
+                                            label_selector=selector)).items
+        for victim in garbage(snapshots, keep):
+            if victim in in_use:
+                continue
+            log.info("[%s/%s] dataimportcron: deleting old snapshot %s", ns, name, victim)
+            await self._delete("VolumeSnapshot", victim, ns)
+
+    async def _delete(self, kind: str, name: str, ns: str) -> None:
+        try:
+            await self._store.delete(kind, name, ns)
+        except api_errors.NotFound:
+            pass
+
+    async def _delete_outdated_pending(self, pvc: Obj | None, sc_name: str,
+                                       cron_name: str) -> bool:
+        """A still-Pending import claim of ours on another class than the desired one goes."""
+        if pvc is None or (pvc.get("status") or {}).get("phase") != "Pending":
+            return False
+        if (pvc["metadata"].get("labels") or {}).get(LABEL_CRON) != cron_name:
+            return False
+        current = pvc["spec"].get("storageClassName")
+        if not current or current == sc_name:
+            return False
+        log.info("[%s/%s] dataimportcron: deleting pending claim %s of class %s",
+                 pvc["metadata"]["namespace"], cron_name, pvc["metadata"]["name"], current)
+        await self._delete("PersistentVolumeClaim", pvc["metadata"]["name"],
+                           pvc["metadata"]["namespace"])
+        return True
+
+    async def _change_class(self, dic: Obj, old: str, new: str) -> None:
+        """The storage class changed: delete the newest import (it lives on the old class),
+        and record the new class once it is gone, so the next pass imports it again."""
+        meta = dic["metadata"]
+        digest = (meta.get("annotations") or {}).get(ANN_DESIRED_DIGEST, "")
+        if digest:
+            try:
+                name = dv_name(dic["spec"]["managedDataSource"], digest)
+            except ValueError:
+                name = ""
+            log.info("[%s/%s] dataimportcron: storage class %s -> %s; deleting import %s",
+                     meta["namespace"], meta["name"], old, new, name)
+            if name and not await cronsource.remove_sources(self._store, name,
+                                                            meta["namespace"]):
+                return  # still going away: try again
+        await self._store.patch("DataImportCron", meta["name"], meta["namespace"],
+                                {"metadata": {"annotations": {
+                                    cronsource.ANN_STORAGE_CLASS: new}}})
 
     # -- the managed DataSource -----------------------------------------------------------
 
-    async def _update_data_source(self, dic: Obj, last_imported: Any) -> None:
+    async def _update_data_source(self, dic: Obj, last_imported: Any, fmt: str) -> None:
         ns = dic["metadata"]["namespace"]
         ds_name = dic["spec"].get("managedDataSource") or ""
         if not ds_name:
@@ -391,7 +490,7 @@ class DataImportCronController:
                   "metadata": {"name": ds_name, "namespace": ns, "labels": self._labels(dic)},
                   "spec": {"source": {}}}
             if isinstance(last_imported, dict):
-                ds["spec"]["source"] = {"pvc": dict(last_imported)}
+                ds["spec"]["source"] = {fmt: dict(last_imported)}
             try:
                 await self._store.create(ds)
                 log.info("[%s/%s] dataimportcron: created DataSource %s", ns,
@@ -404,7 +503,7 @@ class DataImportCronController:
         updated = copy.deepcopy(ds)
         updated["metadata"]["labels"] = self._labels(dic, ds["metadata"].get("labels"))
         if isinstance(last_imported, dict):
-            updated.setdefault("spec", {})["source"] = {"pvc": dict(last_imported)}
+            updated.setdefault("spec", {})["source"] = {fmt: dict(last_imported)}
         if updated != ds:
             await self._store.replace(updated)
             log.info("[%s/%s] dataimportcron: DataSource %s -> %s", ns,
@@ -417,7 +516,7 @@ class DataImportCronController:
     async def cleanup(self, ns: str, name: str) -> None:
         """The cron is gone: delete what it labelled for cleanup (retentionPolicy None)."""
         selector = f"{LABEL_CRON}={name},{LABEL_CLEANUP}=true"
-        for kind in ("DataSource", "DataVolume", "PersistentVolumeClaim"):
+        for kind in ("DataSource", "DataVolume", "PersistentVolumeClaim", "VolumeSnapshot"):
             for obj in (await self._store.list(kind, ns, label_selector=selector)).items:
                 try:
                     await self._store.delete(kind, obj["metadata"]["name"], ns)
