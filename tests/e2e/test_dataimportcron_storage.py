@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from importer import containerdisk, qemu_img
+from tests.cdi.api import seeds
+from tests.cdi.api.test_seeds import SEEDS
 from tests.e2e.conftest import Server, condition, phase
 from tests.e2e.test_datavolume import volume_of
 from tests.support import images, xfs
@@ -261,3 +264,20 @@ def test_kill_9_around_the_poll_and_the_import(server: Server, registry: Registr
                                  timeout=10).json()["items"]
     claims = {(v["spec"].get("claimRef") or {}).get("name") for v in volumes}
     assert claims == {_name(d) for d in digests[-2:]}
+
+
+def test_seed_cron_templates_apply(server: Server) -> None:
+    """Every complete DataImportCron of the seeds' HyperConverged examples (8.3) is created
+    through `cdi apply` unchanged, and listed by `cdi get dic`."""
+    crons = [m.obj for path in sorted(SEEDS.glob("*.txt")) for m in seeds.cron_templates(path)
+             if ((m.obj.get("spec") or {}).get("template") or {}).get("spec", {}).get("source")]
+    assert len(crons) == 3
+    for n, cron in enumerate(crons):  # the status example repeats a name of the spec one
+        cron["metadata"]["name"] = f"{cron['metadata']['name']}-{n}"
+    p = server.cli("apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(c) for c in crons))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count(" created") == 3, p.stdout
+    p = server.cli("get", "dic")
+    assert p.returncode == 0, p.stderr
+    assert sorted(line.split()[0] for line in p.stdout.splitlines()[1:]) == sorted(
+        c["metadata"]["name"] for c in crons)

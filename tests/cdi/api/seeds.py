@@ -77,6 +77,26 @@ def extract(path: Path) -> list[Manifest]:
     return found
 
 
+def cron_templates(path: Path) -> list[Manifest]:
+    """The DataImportCrons of HyperConverged examples (``dataImportCronTemplates`` in spec
+    or status): each entry is a cron's metadata and spec, wrapped here as the object."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    found = []
+    for start, block in _blocks(lines):
+        text = "\n".join(clean_lines(block))
+        if "dataImportCronTemplates" not in text:
+            continue
+        for doc in yaml.safe_load_all(text):
+            if not isinstance(doc, dict) or doc.get("kind") != "HyperConverged":
+                continue
+            for part in ("spec", "status"):
+                for entry in (doc.get(part) or {}).get("dataImportCronTemplates") or []:
+                    cron = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataImportCron",
+                            **{k: v for k, v in entry.items() if k != "status"}}
+                    found.append(Manifest(path.name, start + 1, fill_placeholders(cron)))
+    return found
+
+
 def _mentions_cdi_kind(text: str) -> bool:
     return "cdi.kubevirt.io/" in text and any(
         re.search(rf"^\s*kind:\s*{kind}\s*$", text, re.MULTILINE) for kind in CDI_KINDS)
