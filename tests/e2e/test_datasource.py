@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from importer import qemu_img
 from tests.e2e.conftest import Server, condition, phase
+from tests.e2e.test_datavolume import volume_of
+from tests.support import images
+
+MiB = 1 << 20
 
 READY = ("True", "Ready", "DataSource is ready to be consumed")
 
@@ -81,3 +87,30 @@ def test_reference_errors(server: Server) -> None:
     assert server.create(_ds("gone", {"pvc": {"name": "nothing"}})).status_code == 201
     ds = server.wait_for("das", "dangling", lambda o: _ready(o)[2] == "PVC not found")
     assert _ready(ds)[1] == "NotFound"
+
+
+def test_a_datavolume_clones_through_a_referencing_datasource(server: Server,
+                                                               tmp_path: Path) -> None:
+    """sourceRef -> DataSource "alias" -> DataSource "golden" -> the claim: the disk is a
+    copy of the golden image; a chain one level deeper is refused with CDI's text."""
+    raw = images.make_raw(tmp_path / "golden.raw", virtual_size=8 * MiB,
+                          extents=[(0, MiB), (5 * MiB, MiB)], seed=5)
+    p = server.cli("image-upload", "dv", "golden", "--image-path", str(raw), "--size", "8Mi")
+    assert p.returncode == 0, p.stderr
+    assert server.create(_ds("golden", {"pvc": {"name": "golden"}})).status_code == 201
+    assert server.create(_ds("alias", {"dataSource": {"name": "golden"}})).status_code == 201
+    assert server.create(_ds("alias2", {"dataSource": {"name": "alias"}})).status_code == 201
+    for name, ref in (("vm-disk", "alias"), ("too-deep", "alias2")):
+        assert server.create({
+            "apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+            "metadata": {"name": name},
+            "spec": {"sourceRef": {"kind": "DataSource", "name": ref},
+                     "storage": {"resources": {"requests": {"storage": "8Mi"}}}}}
+        ).status_code == 201
+    server.wait_for("dv", "vm-disk", lambda o: phase(o) == "Succeeded", timeout=60)
+    assert qemu_img.compare(str(raw), str(volume_of(server, "vm-disk")))
+    dv = server.wait_for("dv", "too-deep",
+                         lambda o: condition(o, "Running").get("reason") == "CloneWithoutSource")
+    assert condition(dv, "Running")["message"] == (
+        "DataSource default/alias2: DataSource reference chain exceeds maximum depth of 1")
+    assert phase(dv) != "Succeeded"

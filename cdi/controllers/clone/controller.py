@@ -180,6 +180,25 @@ class CloneController(DataVolumeController):
         if ds is None:
             raise _NoSource("CloneWithoutSource", f"DataSource {ds_ns}/{ref['name']} not found")
         ds_source = (ds.get("spec") or {}).get("source") or {}
+        chained = ds_source.get("dataSource")
+        if isinstance(chained, dict):  # one level of reference, as CDI resolves it
+            what = f"DataSource {ds_ns}/{ref['name']}"
+            if (chained.get("namespace") or ds_ns) != ds_ns:
+                raise _NoSource("CloneWithoutSource", f"{what}: DataSource cannot reference a "
+                                                      "DataSource in another namespace")
+            if chained.get("name") == ref["name"]:
+                raise _NoSource("CloneWithoutSource",
+                                f"{what}: DataSource cannot self-reference")
+            self._waiting_on.setdefault((ds_ns, chained.get("name") or ""), set()).add(
+                (ns, dv["metadata"]["name"]))
+            target = await self._get("DataSource", chained.get("name") or "", ds_ns)
+            if target is None:
+                raise _NoSource("CloneWithoutSource",
+                                f"DataSource {ds_ns}/{chained.get('name')} not found")
+            ds_source = (target.get("spec") or {}).get("source") or {}
+            if ds_source.get("dataSource") is not None:
+                raise _NoSource("CloneWithoutSource", f"{what}: DataSource reference chain "
+                                                      "exceeds maximum depth of 1")
         for kind in ("pvc", "snapshot"):
             if ds_source.get(kind):
                 return kind, ds_source[kind].get("namespace") or ds_ns, ds_source[kind]["name"]
