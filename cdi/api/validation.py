@@ -40,7 +40,8 @@ from cdi.api.datavolume import (
 from cdi.api.meta import APIModel, TypedLocalObjectReference, TypedObjectReference
 from cdi.api.source_rules import Cause
 
-__all__ = ["MAX_NAME", "MAX_SHORT_NAME", "datavolume_spec_causes", "validate"]
+__all__ = ["MAX_NAME", "MAX_SHORT_NAME", "datavolume_spec_causes", "default_source_namespace",
+           "validate"]
 
 MAX_NAME = 253  # DNS-1123 subdomain
 MAX_SHORT_NAME = 63  # DNS-1035 label: DataImportCron and its managed DataSource
@@ -57,13 +58,13 @@ def validate(obj: dict[str, Any], old: dict[str, Any] | None = None) -> None:
     source without a namespace gets the DataVolume's (``obj`` is changed).
     """
     if obj.get("kind") == "DataVolume":
-        _default_source_namespace(obj)
+        default_source_namespace(obj)
     rule = _RULES.get(str(obj.get("kind") or ""))
     if rule is not None:
         rule(obj, old)
 
 
-def _default_source_namespace(obj: dict[str, Any]) -> None:
+def default_source_namespace(obj: dict[str, Any]) -> None:
     """CDI's mutating webhook: a clone source without a namespace is in the DataVolume's."""
     source = (obj.get("spec") or {}).get("source") or {}
     for kind in ("pvc", "snapshot"):

@@ -99,17 +99,17 @@ def can_clone(authorizer: Authorizer, user: str, groups: Sequence[str], source_n
     return False, insufficient_permissions(user, source_namespace)
 
 
-def admit_clone(dv: Obj, request: AdmissionRequest) -> None:
-    """CDI's ``AuthorizeUser`` on a DataVolume create or update; raises ``Invalid``."""
+def clone_source(dv: Obj, datasource: Obj | None) -> tuple[str, str, bool] | None:
+    """(namespace, name, is a snapshot) of what DV clones; None if it clones nothing.
+
+    A ``sourceRef`` clones what the DataSource (DATASOURCE, read beforehand) names.
+    """
     meta = dv.get("metadata") or {}
-    if meta.get("deletionTimestamp"):
-        return
     source = (dv.get("spec") or {}).get("source") or {}
     target = str(meta.get("namespace") or "")
-    if not source and request.datasource is not None:
-        # A sourceRef clones what the DataSource names: check that, as CDI does.
-        ds_source = (request.datasource.get("spec") or {}).get("source") or {}
-        ds_ns = str((request.datasource.get("metadata") or {}).get("namespace") or target)
+    if not source and datasource is not None:
+        ds_source = (datasource.get("spec") or {}).get("source") or {}
+        ds_ns = str((datasource.get("metadata") or {}).get("namespace") or target)
         source = {k: {**v, "namespace": v.get("namespace") or ds_ns}
                   for k, v in ds_source.items() if k in ("pvc", "snapshot") and
                   isinstance(v, dict)}
@@ -117,19 +117,36 @@ def admit_clone(dv: Obj, request: AdmissionRequest) -> None:
     if not isinstance(ref, dict):
         ref, snapshot = source.get("snapshot"), True
     if not isinstance(ref, dict):
+        return None
+    return str(ref.get("namespace") or target), str(ref.get("name") or ""), snapshot
+
+
+def clone_refused(dv: Obj, reason: str) -> errors.Invalid:
+    """The error of a refused clone, as CDI's webhook words and places it."""
+    return errors.Invalid(reason, kind="DataVolume",
+                          name=str((dv.get("metadata") or {}).get("name") or ""),
+                          causes=[{"reason": "FieldValueInvalid", "message": reason,
+                                   "field": CLONE_SOURCE_FIELD}])
+
+
+def admit_clone(dv: Obj, request: AdmissionRequest) -> None:
+    """CDI's ``AuthorizeUser`` on a DataVolume create or update; raises ``Invalid``."""
+    meta = dv.get("metadata") or {}
+    if meta.get("deletionTimestamp"):
+        return
+    source = clone_source(dv, request.datasource)
+    if source is None:
         return
     user = request.user
-    allowed, reason = can_clone(request.authorizer, user.name, user.groups,
-                                str(ref.get("namespace") or target), str(ref.get("name") or ""),
-                                target, snapshot=snapshot)
+    allowed, reason = can_clone(request.authorizer, user.name, user.groups, source[0],
+                                source[1], str(meta.get("namespace") or ""),
+                                snapshot=source[2])
     # CDI lets prePopulated/checkStaticVolume DataVolumes through because it never
     # clones them; the embedded controllers do not honour those annotations, so
     # they get the same check as any clone.
     if allowed:
         return
-    raise errors.Invalid(reason, kind="DataVolume", name=str(meta.get("name") or ""),
-                         causes=[{"reason": "FieldValueInvalid", "message": reason,
-                                  "field": CLONE_SOURCE_FIELD}])
+    raise clone_refused(dv, reason)
 
 
 # --- Privilege escalation ----------------------------------------------------------------------
