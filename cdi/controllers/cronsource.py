@@ -33,7 +33,7 @@ from cdi.api import errors as api_errors
 from cdi.backends.port import Obj, ObjectStore
 from cdi.controllers import events
 from cdi.controllers.clone import snapshotclass
-from cdi.controllers.cronnames import ANN_LAST_USE_TIME, rfc3339nano
+from cdi.controllers.cronnames import ANN_LAST_USE_TIME, dv_name, garbage, rfc3339nano
 
 log = logging.getLogger(__name__)
 
@@ -231,3 +231,77 @@ async def remove_sources(store: ObjectStore, name: str, ns: str) -> bool:
         if await get(store, kind, name, ns) is not None:
             return False
     return True
+
+
+async def delete_outdated_pending(store: ObjectStore, pvc: Obj | None, class_name: str,
+                                  cron_name: str, cron_label: str) -> bool:
+    """A still-Pending import claim of the cron on another class than CLASS_NAME goes."""
+    if pvc is None or (pvc.get("status") or {}).get("phase") != "Pending":
+        return False
+    if (pvc["metadata"].get("labels") or {}).get(cron_label) != cron_name:
+        return False
+    current = pvc["spec"].get("storageClassName")
+    if not current or current == class_name:
+        return False
+    meta = pvc["metadata"]
+    log.info("[%s/%s] dataimportcron: deleting pending claim %s of class %s",
+             meta["namespace"], cron_name, meta["name"], current)
+    try:
+        await store.delete("PersistentVolumeClaim", meta["name"], meta["namespace"])
+    except api_errors.NotFound:
+        pass
+    return True
+
+
+async def change_class(store: ObjectStore, cron: Obj, old: str, new: str,
+                       digest_annotation: str) -> None:
+    """The storage class changed: delete the newest import (it lives on the old class),
+    and record the new class once it is gone, so the next pass imports it again."""
+    meta = cron["metadata"]
+    digest = (meta.get("annotations") or {}).get(digest_annotation, "")
+    if digest:
+        try:
+            name = dv_name(cron["spec"]["managedDataSource"], digest)
+        except ValueError:
+            name = ""
+        log.info("[%s/%s] dataimportcron: storage class %s -> %s; deleting import %s",
+                 meta["namespace"], meta["name"], old, new, name)
+        if name and not await remove_sources(store, name, meta["namespace"]):
+            return  # still going away: try again
+    await store.patch("DataImportCron", meta["name"], meta["namespace"],
+                      {"metadata": {"annotations": {ANN_STORAGE_CLASS: new}}})
+
+
+DEFAULT_IMPORTS_TO_KEEP = 3
+
+
+async def collect_garbage(store: ObjectStore, cron: Obj, cron_label: str) -> None:
+    """Keep the cron's ``importsToKeep`` newest imports (claims, snapshots) by last use.
+
+    What the DataSource serves now is never collected, however old: with the
+    snapshot format it stays there until the newer snapshot is ready.
+    """
+    spec = cron["spec"]
+    if spec.get("garbageCollect") not in (None, "", "Outdated"):
+        return
+    keep = spec.get("importsToKeep")
+    keep = keep if isinstance(keep, int) and keep >= 0 else DEFAULT_IMPORTS_TO_KEEP
+    ns, name = cron["metadata"]["namespace"], cron["metadata"]["name"]
+    selector = f"{cron_label}={name}"
+    ds = await get(store, "DataSource", spec.get("managedDataSource") or "", ns)
+    in_use = {str(s.get("name")) for s in ((ds or {}).get("spec", {}).get("source") or {})
+              .values() if isinstance(s, dict) and s.get("namespace", ns) == ns}
+    pvcs = (await store.list("PersistentVolumeClaim", ns, label_selector=selector)).items
+    dvs = (await store.list("DataVolume", ns, label_selector=selector)).items
+    for victim in garbage([*pvcs, *dvs], keep):
+        if victim not in in_use:
+            log.info("[%s/%s] dataimportcron: deleting old import %s", ns, name, victim)
+            await delete_volume(store, victim, ns)
+    snapshots = (await store.list("VolumeSnapshot", ns, label_selector=selector)).items
+    for victim in garbage(snapshots, keep):
+        if victim not in in_use:
+            log.info("[%s/%s] dataimportcron: deleting old snapshot %s", ns, name, victim)
+            try:
+                await store.delete("VolumeSnapshot", victim, ns)
+            except api_errors.NotFound:
+                pass

@@ -45,7 +45,6 @@ from cdi.controllers.cronnames import (
     ANN_LAST_USE_TIME,
     digested_url,
     dv_name,
-    garbage,
     parse_time,
     rfc3339,
     rfc3339nano,
@@ -84,7 +83,6 @@ MSG_DV_PHASE = "Import DataVolume phase {phase}"
 ERR_ALREADY_MANAGED = "ErrDataSourceAlreadyManaged"
 MSG_ALREADY_MANAGED = "DataSource {ds} is already managed by DataImportCron {cron}"
 
-DEFAULT_IMPORTS_TO_KEEP = 3
 FAILED_REASONS = ("Error", "ImagePullFailed")  # Running reasons that let a new digest replace
 POLL_RETRY = 30.0  # seconds before a failed poll is tried again (sooner if the schedule says)
 
@@ -186,11 +184,13 @@ class DataImportCronController:
         sc_name = sc["metadata"]["name"] if sc is not None else ""
         self._classes[key] = (sc_name, bool(cronsource.explicit_class(dic)))
         if sc is not None:
-            if await self._delete_outdated_pending(pvc, sc_name, key[1]):
+            if await cronsource.delete_outdated_pending(self._store, pvc, sc_name,
+                                                        key[1], LABEL_CRON):
                 return None  # its deletion brings us back
             current_sc = ann.get(cronsource.ANN_STORAGE_CLASS)
             if current_sc and current_sc != sc_name:
-                await self._change_class(dic, current_sc, sc_name)
+                await cronsource.change_class(self._store, dic, current_sc, sc_name,
+                                              ANN_DESIRED_DIGEST)
                 return Result(requeue_after=1.0)
             ann[cronsource.ANN_STORAGE_CLASS] = sc_name
         fmt = await cronsource.source_format(self._store, sc)
@@ -247,7 +247,7 @@ class DataImportCronController:
             point_at = None  # keep the last good source until the new snapshot is ready
         await self._update_data_source(dic, point_at, fmt)
         if succeeded:  # after the DataSource moved: what it served before may go now
-            await self._collect_garbage(dic)
+            await cronsource.collect_garbage(self._store, dic, LABEL_CRON)
 
         result: Result | None = None
         if polled(new):
@@ -407,75 +407,11 @@ class DataImportCronController:
         except api_errors.NotFound:
             pass
 
-    async def _collect_garbage(self, dic: Obj) -> None:
-        spec = dic["spec"]
-        if spec.get("garbageCollect") not in (None, "", "Outdated"):
-            return
-        keep = spec.get("importsToKeep")
-        keep = keep if isinstance(keep, int) and keep >= 0 else DEFAULT_IMPORTS_TO_KEEP
-        ns, name = dic["metadata"]["namespace"], dic["metadata"]["name"]
-        selector = f"{LABEL_CRON}={name}"
-        # What the DataSource serves now is never collected, however old: with the
-        # snapshot format it stays there until the newer snapshot is ready.
-        ds = await self._get("DataSource", spec.get("managedDataSource") or "", ns)
-        in_use = {str(s.get("name")) for s in ((ds or {}).get("spec", {}).get("source") or {})
-                  .values() if isinstance(s, dict) and s.get("namespace", ns) == ns}
-        pvcs = (await self._store.list("PersistentVolumeClaim", ns,
-                                       label_selector=selector)).items
-        dvs = (await self._store.list("DataVolume", ns, label_selector=selector)).items
-        for victim in garbage([*pvcs, *dvs], keep):
-            if victim in in_use:
-                continue
-            log.info("[%s/%s] dataimportcron: deleting old import %s", ns, name, victim)
-            await cronsource.delete_volume(self._store, victim, ns)
-        snapshots = (await self._store.list("VolumeSnapshot", ns,
-                                            label_selector=selector)).items
-        for victim in garbage(snapshots, keep):
-            if victim in in_use:
-                continue
-            log.info("[%s/%s] dataimportcron: deleting old snapshot %s", ns, name, victim)
-            await self._delete("VolumeSnapshot", victim, ns)
-
     async def _delete(self, kind: str, name: str, ns: str) -> None:
         try:
             await self._store.delete(kind, name, ns)
         except api_errors.NotFound:
             pass
-
-    async def _delete_outdated_pending(self, pvc: Obj | None, sc_name: str,
-                                       cron_name: str) -> bool:
-        """A still-Pending import claim of ours on another class than the desired one goes."""
-        if pvc is None or (pvc.get("status") or {}).get("phase") != "Pending":
-            return False
-        if (pvc["metadata"].get("labels") or {}).get(LABEL_CRON) != cron_name:
-            return False
-        current = pvc["spec"].get("storageClassName")
-        if not current or current == sc_name:
-            return False
-        log.info("[%s/%s] dataimportcron: deleting pending claim %s of class %s",
-                 pvc["metadata"]["namespace"], cron_name, pvc["metadata"]["name"], current)
-        await self._delete("PersistentVolumeClaim", pvc["metadata"]["name"],
-                           pvc["metadata"]["namespace"])
-        return True
-
-    async def _change_class(self, dic: Obj, old: str, new: str) -> None:
-        """The storage class changed: delete the newest import (it lives on the old class),
-        and record the new class once it is gone, so the next pass imports it again."""
-        meta = dic["metadata"]
-        digest = (meta.get("annotations") or {}).get(ANN_DESIRED_DIGEST, "")
-        if digest:
-            try:
-                name = dv_name(dic["spec"]["managedDataSource"], digest)
-            except ValueError:
-                name = ""
-            log.info("[%s/%s] dataimportcron: storage class %s -> %s; deleting import %s",
-                     meta["namespace"], meta["name"], old, new, name)
-            if name and not await cronsource.remove_sources(self._store, name,
-                                                            meta["namespace"]):
-                return  # still going away: try again
-        await self._store.patch("DataImportCron", meta["name"], meta["namespace"],
-                                {"metadata": {"annotations": {
-                                    cronsource.ANN_STORAGE_CLASS: new}}})
 
     # -- the managed DataSource -----------------------------------------------------------
 
