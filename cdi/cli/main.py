@@ -30,6 +30,7 @@ COMMANDS = {
     "image-upload": "cdi.cli.upload:image_upload",
     "auth": "cdi.cli.auth:auth",
     "containerdisk": "cdi.cli.containerdisk:containerdisk_group",
+    "manifests": "cdi.cli.render:manifests",
 }
 
 
