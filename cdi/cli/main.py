@@ -19,6 +19,7 @@ import click
 
 COMMANDS = {
     "serve": "cdi.cli.serve:serve_command",
+    "controller": "cdi.cli.controller:controller",
     "demo": "cdi.cli.demo:demo",
     "apply": "cdi.cli.apply:apply",
     "create": "cdi.cli.apply:create",
