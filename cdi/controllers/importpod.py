@@ -46,6 +46,9 @@ CONTROLLER_ANNOTATIONS = frozenset({
 })
 
 
+WORKER_UID = 107  # the qemu user of CDI's images
+
+
 def passed_annotations(dv: Obj) -> dict[str, str]:
     """The DataVolume's annotations its claim inherits: CDI's and the pod ones, never
     an annotation the controllers themselves write."""
@@ -257,9 +260,12 @@ def _worker_pod(dv: Obj, pvc: Obj, *, name: str, command: str, env: list[dict[st
         volumes.append({"name": "cdi-cert-vol", "configMap": {"name": cert_cm}})
         container.setdefault("volumeMounts", []).append(
             {"name": "cdi-cert-vol", "mountPath": "/certs"})
+        env.append({"name": "IMPORTER_CERT_DIR", "value": "/certs"})
     dv_annotations = dv["metadata"].get("annotations", {})
     annotations = {"sidecar.istio.io/inject": "false", "linkerd.io/inject": "disabled"}
     annotations.update({k: v for k, v in dv_annotations.items() if k in POD_ANNOTATIONS})
+    spec: Obj = {"restartPolicy": "OnFailure", "containers": [container], "volumes": volumes}
+    harden(spec, dv)
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
@@ -271,8 +277,24 @@ def _worker_pod(dv: Obj, pvc: Obj, *, name: str, command: str, env: list[dict[st
                                  "name": claim, "uid": meta["uid"], "controller": True,
                                  "blockOwnerDeletion": True}],
         },
-        "spec": {"restartPolicy": "OnFailure", "containers": [container], "volumes": volumes},
+        "spec": spec,
     }
+
+
+def harden(spec: Obj, dv: Obj) -> None:
+    """The restricted Pod Security profile CDI's workers run under (UID and fsGroup 107,
+    no privilege escalation, no capabilities, the runtime's seccomp profile), and the
+    DataVolume's priority class.  The embedded pod runner runs workers as the serving
+    user and ignores both; a cluster enforces them."""
+    spec["securityContext"] = {"runAsNonRoot": True, "runAsUser": WORKER_UID,
+                               "fsGroup": WORKER_UID,
+                               "seccompProfile": {"type": "RuntimeDefault"}}
+    for container in spec["containers"]:
+        container["securityContext"] = {"allowPrivilegeEscalation": False,
+                                        "capabilities": {"drop": ["ALL"]}}
+    priority = (dv.get("spec") or {}).get("priorityClassName")
+    if priority:
+        spec["priorityClassName"] = str(priority)
 
 
 @dataclasses.dataclass(frozen=True)

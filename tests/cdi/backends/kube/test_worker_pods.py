@@ -185,9 +185,9 @@ def test_resources_from_cdiconfig(build: Any, block: bool, component: str,
 
 
 @pytest.mark.parametrize(("build", "block", "component", "scratch"), params({
-    tuple(IDS): "no worker pod has CDI's restricted security context (runAsNonRoot, "
-                "runAsUser/fsGroup 107, seccomp RuntimeDefault, no privilege escalation, "
-                "capabilities drop ALL)"}))
+    CLONE_SOURCE: "the clone source pod has no restricted security context (runAsNonRoot, "
+                  "runAsUser/fsGroup 107, seccomp RuntimeDefault, no privilege escalation, "
+                  "capabilities drop ALL)"}))
 def test_restricted_security_context(build: Any, block: bool, component: str,
                                      scratch: bool) -> None:
     pod = build()
@@ -202,7 +202,8 @@ def test_restricted_security_context(build: Any, block: bool, component: str,
 
 
 @pytest.mark.parametrize(("build", "block", "component", "scratch"), params({
-    tuple(IDS): "the DataVolume's spec.priorityClassName is not passed to worker pods"}))
+    CLONE_SOURCE: "the DataVolume's spec.priorityClassName is not passed to the clone "
+                  "source pod"}))
 def test_priority_class(build: Any, block: bool, component: str, scratch: bool) -> None:
     assert build()["spec"].get("priorityClassName") == "vm-disks"
 
@@ -223,9 +224,6 @@ def test_importer_environment(block: bool) -> None:
     assert mounts(importer(block))["/certs"] == "configmap:ca-bundle"
 
 
-@pytest.mark.xfail(strict=True, reason="/certs is mounted but IMPORTER_CERT_DIR=/certs is not "
-                   "set: on Kubernetes the worker would ignore the CA bundle (the embedded "
-                   "pod runner sets it from the mount)")
 def test_importer_cert_dir_is_named() -> None:
     assert env(importer(False)).get("IMPORTER_CERT_DIR") == "/certs"
 
