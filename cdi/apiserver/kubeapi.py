@@ -89,14 +89,20 @@ class RequestHeaderConfig:
                    names("requestheader-extra-headers-prefix", cls.extra_prefixes))
 
 
-def server_context(cert_file: str, key_file: str, config: RequestHeaderConfig) -> ssl.SSLContext:
-    """TLS for the apiserver: our certificate; a client certificate, when one is sent, must
-    verify against the front proxy's CA."""
+def server_context_without_cert(config: RequestHeaderConfig) -> ssl.SSLContext:
+    """TLS for the apiserver, its certificate still to load: a client certificate, when
+    one is sent, must verify against the front proxy's CA."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert_file, key_file)
     ctx.load_verify_locations(cadata=config.client_ca_pem)
     ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
+def server_context(cert_file: str, key_file: str, config: RequestHeaderConfig) -> ssl.SSLContext:
+    """TLS for the apiserver with our certificate (see ``server_context_without_cert``)."""
+    ctx = server_context_without_cert(config)
+    ctx.load_cert_chain(cert_file, key_file)
     return ctx
 
 

@@ -17,8 +17,17 @@ from cdi.backends.port import Obj, WatchEvent
 
 ObjKey = tuple[str, str]
 
-# Kinds the adapter needs beyond the shared table (leader election).
-EXTRA_KINDS = {"Lease": Kind("Lease", "coordination.k8s.io", "v1", "leases", True)}
+# Kinds the adapter needs beyond the shared table: leader election, and the apiserver's
+# access reviews, APIService and webhook configurations (their CA bundles).
+EXTRA_KINDS = {k.kind: k for k in (
+    Kind("Lease", "coordination.k8s.io", "v1", "leases", True),
+    Kind("SubjectAccessReview", "authorization.k8s.io", "v1", "subjectaccessreviews", False),
+    Kind("APIService", "apiregistration.k8s.io", "v1", "apiservices", False),
+    Kind("ValidatingWebhookConfiguration", "admissionregistration.k8s.io", "v1",
+         "validatingwebhookconfigurations", False),
+    Kind("MutatingWebhookConfiguration", "admissionregistration.k8s.io", "v1",
+         "mutatingwebhookconfigurations", False),
+)}
 STATUS_SUBRESOURCE = frozenset({
     "DataVolume", "DataSource", "DataImportCron", "StorageProfile", "CDIConfig", "CDI",
     "PersistentVolumeClaim", "PersistentVolume", "Pod", "Service", "Namespace",

@@ -20,6 +20,7 @@ import click
 COMMANDS = {
     "serve": "cdi.cli.serve:serve_command",
     "controller": "cdi.cli.controller:controller",
+    "apiserver": "cdi.cli.apiserver:apiserver",
     "demo": "cdi.cli.demo:demo",
     "apply": "cdi.cli.apply:apply",
     "create": "cdi.cli.apply:create",

@@ -76,6 +76,8 @@ class FakeKube:
         self.refuse_watches = False  # answer watches 503, as an overloaded server would
         self.faults: list[int] = []  # the next requests are answered with these codes
         self.on_request: Callable[[str, str, dict[str, str]], None] | None = None
+        # Answers SubjectAccessReviews (spec -> status); they are not stored, as on a cluster.
+        self.access_review: Callable[[Obj], Obj] | None = None
         self._watchers: set[_Watcher] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fakekube",
@@ -253,6 +255,11 @@ class FakeKube:
                 return await self._watch(request, kind, ns)
             if method == "GET":
                 return web.json_response(self._list(kind, ns, request.query))
+            if method == "POST" and kind.kind == "SubjectAccessReview":
+                if self.access_review is None or not isinstance(body, dict):
+                    return _status(403, "Forbidden", "no access review answerer")
+                return web.json_response({**body, "status": self.access_review(
+                    body.get("spec") or {})}, status=201)
             if method == "POST":
                 return web.json_response(self._create(kind, ns, body), status=201)
             return _status(405, "MethodNotAllowed", f"{method} on a collection")
