@@ -187,15 +187,16 @@ def api_service(values: Obj, namespace: str) -> Obj:
 
 
 def webhooks(values: Obj, namespace: str) -> list[Obj]:
-    """The DataVolume webhooks: validate (CDI's admission rules) and mutate (clone checks)."""
-    def hook(kind: str, name: str, path: str) -> Obj:
+    """The webhooks: DataVolume validate (CDI's admission rules) and mutate (clone checks),
+    DataImportCron validate."""
+    def hook(kind: str, name: str, path: str, resource: str = "datavolumes") -> Obj:
         entry: Obj = {
             "name": f"{path.strip('/')}.cdi.kubevirt.io",
             "admissionReviewVersions": ["v1"],
             "clientConfig": {"service": {"namespace": namespace, "name": API_SERVICE_NAME,
                                          "path": path, "port": 443}},
             "rules": [{"operations": ["CREATE", "UPDATE"], "apiGroups": ["cdi.kubevirt.io"],
-                       "apiVersions": ["v1beta1"], "resources": ["datavolumes"],
+                       "apiVersions": ["v1beta1"], "resources": [resource],
                        "scope": "*"}],
             "failurePolicy": "Fail",
             "matchPolicy": "Exact",
@@ -213,6 +214,8 @@ def webhooks(values: Obj, namespace: str) -> list[Obj]:
         hook("ValidatingWebhookConfiguration", "cdi-api-datavolume-validate",
              "/datavolume-validate"),
         hook("MutatingWebhookConfiguration", "cdi-api-datavolume-mutate", "/datavolume-mutate"),
+        hook("ValidatingWebhookConfiguration", "cdi-api-dataimportcron-validate",
+             "/dataimportcron-validate", "dataimportcrons"),
     ]
 
 

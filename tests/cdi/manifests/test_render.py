@@ -249,8 +249,13 @@ def test_services_and_registrations_point_at_the_pods(everything: list[Obj]) -> 
     hooks = [o for o in everything if o["kind"].endswith("WebhookConfiguration")]
     assert {h["kind"] for h in hooks} == {"ValidatingWebhookConfiguration",
                                           "MutatingWebhookConfiguration"}
+    # Each path is one that `cdi apiserver` serves (cdi/apiserver/kubeapi.py).
+    served = {"/datavolume-validate": ["datavolumes"], "/datavolume-mutate": ["datavolumes"],
+              "/dataimportcron-validate": ["dataimportcrons"]}
+    assert sorted(h["webhooks"][0]["clientConfig"]["service"]["path"] for h in hooks) == \
+        sorted(served)
     for hook in hooks:
         (entry,) = hook["webhooks"]
         assert entry["clientConfig"]["service"]["name"] == "cdi-api"
-        assert entry["rules"][0]["resources"] == ["datavolumes"]
+        assert entry["rules"][0]["resources"] == served[entry["clientConfig"]["service"]["path"]]
         assert entry["sideEffects"] == "None" and entry["failurePolicy"] == "Fail"
