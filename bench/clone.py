@@ -3,12 +3,16 @@
 What it measures
     ours  the clone source worker (``python -m importer.clonesource``) sends
           ``disk.raw`` to an upload server in clone mode (``python -m
-          importer.uploadserver`` with ``UPLOAD_CLONE=true``) over mutual TLS
-          on 127.0.0.1 (trustme certificates made for the run), which writes
-          ``<data dir>/disk.img`` and fsyncs it before it answers.  The upload
-          server is started and listening before the clock starts (its pod is
-          Ready before the source pod runs); the clock runs from starting the
-          source until both processes have exited.
+          importer.uploadserver`` with ``UPLOAD_CLONE=true``), which writes
+          ``<data dir>/disk.img`` and fsyncs it before it answers, three ways:
+          over the server's Unix socket (``LISTEN_SOCKET``/``UPLOAD_SOCKET``
+          in a 0700 directory, plain HTTP: what ``cdi serve`` does, and the
+          bar), over mutual TLS on 127.0.0.1 (trustme certificates made for
+          the run: what the Kubernetes backend will do), and over plain HTTP
+          on 127.0.0.1.  The upload server is started and listening before the
+          clock starts (its pod is Ready before the source pod runs); the
+          clock runs from starting the source until both processes have
+          exited.
     cp    ``cp --sparse=always disk.raw <dir>/disk.img`` on the same disk, then
           fsync of the copy and of its directory, inside the timed region.
 
@@ -30,7 +34,7 @@ The image (cached in ``<workdir>/images``, shared with bench/import_http.py)
     ``disk.raw``  4 GiB virtual, 1 GiB of random data in 4 extents of 256 MiB
 
 Bars (a failed bar prints FAIL, the exit status stays 0; a broken run exits 1):
-ours <= 1.3x cp (median wall time); each worker's VmHWM < 100 MiB; the copy
+ours over the Unix socket <= 1.3x cp (median wall time); each worker's VmHWM < 100 MiB; the copy
 allocates within 10 % of the 1 GiB of data; bytes sent within 1 % of it.
 
     python bench/clone.py [--runs N] [--workdir DIR]
@@ -192,9 +196,14 @@ def child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
 
 
-def run_ours(raw: Path, certs: Certs, rundir: Path, *, check: bool, tls: bool = True) -> OursRun:
+def run_ours(raw: Path, certs: Certs, rundir: Path, *, check: bool, tls: bool = True,
+             unix: bool = False) -> OursRun:
+    """One clone: over mutual TLS (TLS), plain HTTP on 127.0.0.1, or (UNIX) over the
+    server's Unix socket, as cdi serve wires it (the server keeps its mTLS TCP port)."""
     data = rundir / "data"
     data.mkdir(parents=True)
+    sockets = rundir / "s"
+    sockets.mkdir(mode=0o700)
     (rundir / "source").mkdir()
     (rundir / "source" / "disk.img").symlink_to(raw)  # a filesystem volume's image
     address_file = rundir / "address"
@@ -209,11 +218,11 @@ def run_ours(raw: Path, certs: Certs, rundir: Path, *, check: bool, tls: bool = 
         "IMPORTER_SCRATCH_DIR": str(rundir / "no-scratch"),
         "IMPORTER_TERMINATION_LOG": str(rundir / "target-termination"),
         "IMPORTER_METRICS_ADDRESS": "",
-    }
+    } | ({"LISTEN_SOCKET": str(sockets / "u.sock")} if unix else {})
     source_tls = {
         "CLIENT_CERT_FILE": str(certs.client), "CLIENT_KEY_FILE": str(certs.client),
         "SERVER_CA_FILE": str(certs.ca),
-    } if tls else {}
+    } if tls and not unix else {}
     source_env = child_env() | source_tls | {
         "UPLOAD_URL": "", "CLONE_SOURCE_DIR": str(rundir / "source"),
         "IMPORTER_BLOCK_PATH": str(rundir / "no-block"),
@@ -235,6 +244,8 @@ def run_ours(raw: Path, certs: Certs, rundir: Path, *, check: bool, tls: bool = 
             scheme = "https" if tls else "http"
             source_env["UPLOAD_URL"] = (f"{scheme}://{address_file.read_text().strip()}"
                                         "/v1beta1/upload")
+            if unix:
+                source_env["UPLOAD_SOCKET"] = str(sockets / "u.sock")
             prewarm(raw)
             started = time.perf_counter()
             source = subprocess.Popen([sys.executable, "-m", "importer.clonesource"], cwd=REPO,
@@ -377,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs_dir = Path(tempfile.mkdtemp(prefix="clone-runs-", dir=workdir))
     ours: list[OursRun] = []
+    local: list[OursRun] = []
     plain: list[OursRun] = []
     cps: list[tuple[float, int]] = []
     floors: list[tuple[float, float]] = []
@@ -389,10 +401,14 @@ def main(argv: list[str] | None = None) -> int:
             say(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
             for i in range(args.runs):
                 say(f"run {i + 1}/{args.runs}:")
-                run = run_ours(raw, certs, runs_dir / f"ours-{i}", check=i == 0)
+                run = run_ours(raw, certs, runs_dir / f"unix-{i}", check=i == 0, unix=True)
+                shutil.rmtree(runs_dir / f"unix-{i}")
+                local.append(run)
+                _say_ours(say, "ours unix", run, i == 0)
+                run = run_ours(raw, certs, runs_dir / f"ours-{i}", check=False)
                 shutil.rmtree(runs_dir / f"ours-{i}")
                 ours.append(run)
-                _say_ours(say, "ours mTLS", run, i == 0)
+                _say_ours(say, "ours mTLS", run, False)
                 seconds, alloc = run_cp(raw, runs_dir / f"cp-{i}")
                 shutil.rmtree(runs_dir / f"cp-{i}")
                 cps.append((seconds, alloc))
@@ -417,17 +433,19 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(runs_dir, ignore_errors=True)
 
     ours_median = statistics.median(r.seconds for r in ours)
+    local_median = statistics.median(r.seconds for r in local)
     cp_median = statistics.median(s for s, _ in cps)
     plain_median = statistics.median(r.seconds for r in plain)
     floor_median = statistics.median(f for f, _ in floors)
     plain_floor_median = statistics.median(f for f, _ in plain_floors)
-    ratio = ours_median / cp_median
-    source_rss = max(r.source.max_rss for r in ours + plain)
-    target_rss = max(r.target.max_rss for r in ours + plain)
-    alloc = max(r.allocated for r in ours + plain)
-    sent = max(r.sent for r in ours + plain)
+    ratio = local_median / cp_median
+    every = ours + local + plain
+    source_rss = max(r.source.max_rss for r in every)
+    target_rss = max(r.target.max_rss for r in every)
+    alloc = max(r.allocated for r in every)
+    sent = max(r.sent for r in every)
     bars = [
-        ("time ours (mTLS) / cp", f"{ratio:.2f}", f"<= {BAR}", ratio <= BAR),
+        ("time ours (Unix socket, cdi serve) / cp", f"{ratio:.2f}", f"<= {BAR}", ratio <= BAR),
         ("VmHWM clone source", f"{source_rss / MiB:.1f} MiB", "< 100 MiB",
          source_rss < RSS_LIMIT),
         ("VmHWM upload server (clone mode)", f"{target_rss / MiB:.1f} MiB", "< 100 MiB",
@@ -442,17 +460,21 @@ def main(argv: list[str] | None = None) -> int:
     table = ["| measure | value | bar | result |", "|---|---|---|---|"]
     table += [f"| {n} | {v} | {b} | {'PASS' if ok else 'FAIL'} |" for n, v, b, ok in bars]
     sides = ["| side (median of the runs) | seconds | vs cp |", "|---|---|---|"]
-    for name, value in (("ours, mutual TLS (the bar)", ours_median),
+    for name, value in (("ours, Unix socket (cdi serve; the bar)", local_median),
+                        ("ours, mutual TLS (Kubernetes)", ours_median),
                          ("ours, plain HTTP on loopback", plain_median),
                          ("cp --sparse=always + fsync", cp_median),
                          ("floor: 1 GiB through Python TLS, no disk", floor_median),
                          ("floor: 1 GiB through Python TCP, no disk", plain_floor_median)):
         sides.append(f"| {name} | {value:.2f} | {value / cp_median:.2f} |")
-    per_run = (f"ours {' '.join(f'{r.seconds:.2f}' for r in ours)}; "
+    per_run = (f"unix {' '.join(f'{r.seconds:.2f}' for r in local)}; "
+               f"mTLS {' '.join(f'{r.seconds:.2f}' for r in ours)}; "
                f"http {' '.join(f'{r.seconds:.2f}' for r in plain)}; "
                f"cp {' '.join(f'{s:.2f}' for s, _ in cps)}; "
                f"tls pipe {' '.join(f'{f:.2f}' for f, _ in floors)}")
-    cpu = (f"CPU (median, user+system): mTLS source "
+    cpu = (f"CPU (median, user+system): Unix socket source "
+           f"{statistics.median(r.source.cpu for r in local):.2f} s, target "
+           f"{statistics.median(r.target.cpu for r in local):.2f} s; mTLS source "
            f"{statistics.median(r.source.cpu for r in ours):.2f} s, target "
            f"{statistics.median(r.target.cpu for r in ours):.2f} s; plain HTTP source "
            f"{statistics.median(r.source.cpu for r in plain):.2f} s, target "
@@ -472,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# Host-assisted clone benchmark\n\n"
         f"{datetime.datetime.now().isoformat(timespec='seconds')}, {args.runs} runs per side, "
         f"{os.cpu_count()} CPUs. Source: a filesystem volume's disk.img, 4 GiB virtual, "
-        f"1 GiB of data in 4 extents; target: a filesystem volume; 127.0.0.1.\n\n"
+        f"1 GiB of data in 4 extents; target: a filesystem volume; a Unix socket or "
+        f"127.0.0.1.\n\n"
         + "\n".join(sides) + "\n\n" + "\n".join(table)
         + f"\n\nWall times per run (s): {per_run}\n\n{cpu}\n\n{scan}\n\n**{verdict}**\n")
     say(f"written: {workdir / 'clone-results.md'}")

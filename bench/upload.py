@@ -14,7 +14,15 @@ What it measures
              proxy is bypassed
     proxy    ``POST <uploadProxyURL>/v1beta1/upload`` with a token from an
              ``UploadTokenRequest`` (made before the clock starts), verified
-             against CDIConfig ``status.uploadProxyCA``
+             against CDIConfig ``status.uploadProxyCA``; ``cdi serve``'s proxy
+             sends it on to the upload server's Unix socket in plain HTTP
+             (``docs/security.md``, local sockets), while ``direct`` keeps
+             mutual TLS to the TCP port, as any client of an upload server
+             must
+    local    (extra row, raw only; not a baseline) the same POST as ``direct``
+             but over the upload server's Unix socket in plain HTTP (the pod
+             annotation ``embedded.cdi.kubevirt.io/upload-socket``), the path
+             the proxy takes: the upload server's own speed without TLS
     cli      ``cdi image-upload dv NAME --image-path F --size Q``, the whole
              command: it creates the DataVolume, waits for its upload server,
              sends to ``upload-async`` and waits until the DataVolume is
@@ -72,6 +80,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import statistics
 import subprocess
@@ -107,6 +116,7 @@ READY_TIMEOUT = 120.0
 
 PID_ANNOTATION = "embedded.cdi.kubevirt.io/pid"
 UPLOAD_ANNOTATION = "embedded.cdi.kubevirt.io/upload-address"
+SOCKET_ANNOTATION = "embedded.cdi.kubevirt.io/upload-socket"
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
                    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
 # Magic bytes the importer recognises; a raw image must not start with one.
@@ -488,6 +498,13 @@ class Serve:
             raise BenchError(f"pod cdi-upload-{pvc} has no address or pid: {ann}")
         return str(ann[UPLOAD_ANNOTATION]), int(ann[PID_ANNOTATION])
 
+    def upload_socket(self, pvc: str) -> str:
+        """The upload server's Unix socket (cdi serve's local hop), from its annotation."""
+        ann = self.get("pods", f"cdi-upload-{pvc}", group="")["metadata"].get("annotations", {})
+        if SOCKET_ANNOTATION not in ann:
+            raise BenchError(f"pod cdi-upload-{pvc} has no Unix socket: {ann}")
+        return str(ann[SOCKET_ANNOTATION])
+
     def proxy(self) -> tuple[str, Path]:
         """The upload proxy's URL and a file holding its CA (CDIConfig status)."""
         status = self.get("cdiconfigs", "config", namespace=None).get("status", {})
@@ -531,13 +548,34 @@ class Posted:
     cpu: float  # the sending thread's CPU time
 
 
-def post_file(url: str, context: ssl.SSLContext, path: Path,
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket (plain HTTP), for the ``local`` row."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=UPLOAD_TIMEOUT, blocksize=CLIENT_BLOCK)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+def post_file(url: str, context: ssl.SSLContext | None, path: Path,
               headers: dict[str, str]) -> Posted:
-    """POST PATH to URL with http.client: 1 MiB reads and sendall calls, Content-Length set."""
-    parts = urlsplit(url)
-    assert parts.hostname is not None and parts.port is not None
-    conn = http.client.HTTPSConnection(parts.hostname, parts.port, context=context,
-                                       timeout=UPLOAD_TIMEOUT, blocksize=CLIENT_BLOCK)
+    """POST PATH to URL with http.client: 1 MiB reads and sendall calls, Content-Length set.
+
+    URL ``unix:<socket>#<path>`` goes over that Unix socket in plain HTTP.
+    """
+    conn: http.client.HTTPConnection
+    if url.startswith("unix:"):
+        sock, _, target = url.removeprefix("unix:").partition("#")
+        conn, parts = UnixHTTPConnection(sock), urlsplit(target)
+    else:
+        parts = urlsplit(url)
+        assert parts.hostname is not None and parts.port is not None
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, context=context,
+                                           timeout=UPLOAD_TIMEOUT, blocksize=CLIENT_BLOCK)
     cpu0 = time.thread_time()
     started = time.perf_counter()
     try:
@@ -552,7 +590,7 @@ def post_file(url: str, context: ssl.SSLContext, path: Path,
     return Posted(answer.status, text, time.perf_counter() - started, time.thread_time() - cpu0)
 
 
-def post_all(jobs: list[tuple[str, ssl.SSLContext, Path, dict[str, str]]]
+def post_all(jobs: list[tuple[str, ssl.SSLContext | None, Path, dict[str, str]]]
              ) -> tuple[float, list[Posted]]:
     """Run the POSTs at once, one thread each; (wall seconds until the last answer, answers)."""
     results: list[Posted | BaseException | None] = [None] * len(jobs)
@@ -640,7 +678,8 @@ def _client_context(cafile: Path, cert: tuple[Path, Path] | None = None) -> ssl.
 
 def run_http(image: Image, sizes: Sizes, rundir: Path, *, via: str, count: int,
              check: bool) -> Run:
-    """COUNT uploads of IMAGE at once, VIA "direct" or "proxy", into fresh DataVolumes."""
+    """COUNT uploads of IMAGE at once, VIA "direct", "local" or "proxy", into fresh
+    DataVolumes."""
     with serving(rundir) as serve:
         names = [f"up-{i}" for i in range(count)]
         for name in names:
@@ -648,8 +687,12 @@ def run_http(image: Image, sizes: Sizes, rundir: Path, *, via: str, count: int,
         for name in names:
             serve.wait_phase(name, "UploadReady")
         pods = {name: serve.upload_pod(name) for name in names}
-        jobs: list[tuple[str, ssl.SSLContext, Path, dict[str, str]]] = []
-        if via == "direct":
+        jobs: list[tuple[str, ssl.SSLContext | None, Path, dict[str, str]]] = []
+        if via == "local":
+            for name in names:
+                jobs.append((f"unix:{serve.upload_socket(name)}#/v1beta1/upload", None,
+                             image.path, {}))
+        elif via == "direct":
             client = serve.data_dir / "uploadserver-client-signer" / "client"
             ctx = _client_context(serve.data_dir / "uploadserver-signer" / "ca.crt",
                                   (client / "tls.crt", client / "tls.key"))
@@ -900,6 +943,10 @@ def measure(images: tuple[Image, Image], sizes: Sizes, cases: list[str], runs: i
                 run_http, image, sizes, via="direct", count=1, check=check))
             record(image, "proxy", f"{kind} (b) proxy", i, functools.partial(
                 run_http, image, sizes, via="proxy", count=1, check=check))
+            if kind == "raw":
+                record(image, "local", f"{kind} (a') direct, Unix socket (extra)", i,
+                       functools.partial(run_http, image, sizes, via="local", count=1,
+                                         check=check))
             record(image, "cli", f"{kind} (c) cdi image-upload", i, functools.partial(
                 run_cli, image, sizes, check=check))
     if "concurrent" in cases:

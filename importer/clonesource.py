@@ -15,6 +15,11 @@ Environment
 =================================  ===========================================================
 ``UPLOAD_URL``                     the target's upload endpoint, ``https://host:port/v1beta1/
                                    upload`` (plain ``http://`` only to a loopback address)
+``UPLOAD_SOCKET``                  instead, the target's Unix socket on this machine (its
+                                   ``LISTEN_SOCKET``): plain HTTP, no TLS, in a 0700
+                                   directory of our own user (``importer.upload.localsocket``);
+                                   ``UPLOAD_URL`` is then optional and only its path is used,
+                                   and the certificate variables are not read
 ``IMPORTER_BLOCK_PATH``            source block volume; if it exists it is the source
                                    (``/dev/cdi-block-volume``)
 ``CLONE_SOURCE_DIR``               otherwise the source is ``<dir>/disk.img``
@@ -86,7 +91,7 @@ from importer import errors, settings, target, units
 from importer.__main__ import write_termination
 from importer.progress import Progress
 from importer.progress import serve as serve_metrics
-from importer.upload import clone
+from importer.upload import clone, localsocket
 
 log = logging.getLogger("importer.clonesource")
 
@@ -136,6 +141,12 @@ class Config:
     client_cert: Path | None
     client_key: Path | None
     server_ca: Path | None
+    socket: Path | None = None  # UPLOAD_SOCKET: a local Unix socket instead of host:port
+
+    @property
+    def target(self) -> str:
+        """Where the stream goes, for messages."""
+        return f"unix:{self.socket}" if self.socket is not None else f"{self.host}:{self.port}"
 
     @property
     def source(self) -> Path:
@@ -173,6 +184,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
     base["IMPORTER_SOURCE"] = "none"
     imp = settings.from_env(base)
     raw_url = get("UPLOAD_URL")
+    if (sock := get("UPLOAD_SOCKET")) is not None:
+        return _local_config(imp, localsocket.check_path("UPLOAD_SOCKET", sock), raw_url,
+                             get("CLONE_SOURCE_DIR"))
     if raw_url is None:
         raise errors.SettingsError(variable="UPLOAD_URL",
                                    reason="the clone target's upload URL is required")
@@ -214,6 +228,24 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
     )
     config.ssl_context()  # a certificate that does not load fails now, naming its variable
     return config
+
+
+def _local_config(imp: settings.Settings, sock: Path, raw_url: str | None,
+                  source_dir: str | None) -> Config:
+    """UPLOAD_SOCKET: plain HTTP to a Unix socket of our own user; the URL gives the path."""
+    path = "/v1beta1/upload"
+    if raw_url is not None:
+        try:
+            url = urllib.parse.urlsplit(raw_url)
+        except ValueError as err:
+            raise errors.SettingsError(variable="UPLOAD_URL", reason=str(err)) from err
+        path = (url.path or path) + (f"?{url.query}" if url.query else "")
+        if not _SAFE_PATH.match(path):
+            raise errors.SettingsError(variable="UPLOAD_URL",
+                                       reason=f"{raw_url!r} has no usable path")
+    return Config(importer=imp, source_dir=Path(source_dir or DEFAULT_SOURCE_DIR),
+                  url=f"unix:{sock}{path}", host="localhost", port=0, path=path, tls=False,
+                  client_cert=None, client_key=None, server_ca=None, socket=sock)
 
 
 def _file(name: str, value: str | None) -> Path | None:
@@ -395,11 +427,7 @@ class Attempt:
 
     def run(self, fd: int, size: int, allocated: int, percent: _Percent) -> None:
         cfg = self._config
-        try:
-            raw = socket.create_connection((cfg.host, cfg.port), timeout=self._timeout)
-        except OSError as e:
-            raise Dropped(reason=f"cannot connect to {cfg.host}:{cfg.port}: "
-                                 f"{e.strerror or e}") from e
+        raw = self._connect()
         try:
             if self._ctx is not None:
                 try:
@@ -415,10 +443,36 @@ class Attempt:
         finally:
             (self._sock or raw).close()
 
+    def _connect(self) -> socket.socket:
+        cfg = self._config
+        if cfg.socket is None:
+            try:
+                return socket.create_connection((cfg.host, cfg.port), timeout=self._timeout)
+            except OSError as e:
+                raise Dropped(reason=f"cannot connect to {cfg.target}: {e.strerror or e}") from e
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self._timeout)
+            sock.connect(str(cfg.socket))
+            if not localsocket.trusted_peer(sock):
+                # Only our user can create a file in the socket's directory (checked with
+                # the settings); a peer of another uid is not our upload server.
+                raise CloneError(reason=f"{cfg.socket} is served by uid "
+                                        f"{localsocket.peer_uid(sock)}, not by our user")
+        except OSError as e:
+            sock.close()
+            raise Dropped(reason=f"cannot connect to {cfg.target}: {e.strerror or e}") from e
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     def _exchange(self, fd: int, size: int, allocated: int, percent: _Percent) -> None:
         cfg = self._config
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-        head = (f"POST {cfg.path} HTTP/1.1\r\nHost: {host}:{cfg.port}\r\n"
+        if cfg.port:
+            host += f":{cfg.port}"
+        head = (f"POST {cfg.path} HTTP/1.1\r\nHost: {host}\r\n"
                 f"User-Agent: cdi-clone-source\r\nContent-Type: application/octet-stream\r\n"
                 f"Transfer-Encoding: chunked\r\n{clone.HEADER}: {clone.CONTENT_TYPE}\r\n"
                 f"Connection: close\r\n\r\n").encode("ascii")

@@ -7,10 +7,18 @@ writes runs of zeros: on a file they stay holes, on a block volume they are
 discarded with ``fallocate(PUNCH_HOLE)`` (which reads back as zeros), so the
 allocated size tracks the image's data, not its virtual size.  Preallocation
 reverses that on request.
+
+A writer opened with ``direct=True`` (the clone receiver) writes whole aligned
+blocks with ``O_DIRECT`` from the caller's page-aligned buffer, past the page
+cache: on the machines we run on, copying into fresh page-cache pages cost
+several times what the disk write itself costs in CPU (``docs/clone.md``).
+Whatever is not aligned, or a file system that refuses ``O_DIRECT``, takes the
+ordinary buffered path; a block is only ever written one of the two ways.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -42,6 +50,7 @@ SYNC_FILE_RANGE_WAIT_AFTER = 4
 # little left to do, and a memory-limited pod is not charged for gigabytes of
 # dirty cache (a cause of importer OOM kills in CDI).
 WRITEBACK_WINDOW = 64 * units.MiB
+DIRECT_ALIGN = 4 * units.KiB  # offset, length and address of an O_DIRECT write
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -87,9 +96,10 @@ class Target:
         capacity = space.usable(settings.filesystem_overhead, available)
         return cls(settings.target_file, is_block=False, capacity=capacity)
 
-    def open_writer(self, *, preallocate: bool = False, offset: int = 0) -> Writer:
+    def open_writer(self, *, preallocate: bool = False, offset: int = 0,
+                    direct: bool = False) -> Writer:
         return Writer.open(self.path, block=self.is_block, capacity=self.capacity,
-                           preallocate=preallocate, offset=offset)
+                           preallocate=preallocate, offset=offset, direct=direct)
 
     def remove(self) -> None:
         """Throw away what an import wrote (failure or checksum mismatch)."""
@@ -147,12 +157,20 @@ def zero_range(fd: int, offset: int, length: int, *, allocate: bool) -> None:
         offset += os.pwrite(fd, view[: min(len(_ZEROS), end - offset)], offset)
 
 
+def _address(view: memoryview) -> int:
+    """Where VIEW's bytes are in memory (-1 if it is read-only: never aligned for us)."""
+    with contextlib.suppress(TypeError, ValueError):
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    return -1
+
+
 class Writer:
     """Sequential writer that skips zeros; one per transfer attempt."""
 
     def __init__(self, fd: int, path: Path, *, block: bool, capacity: int,
-                 preallocate: bool, keep_cache: bool = False) -> None:
+                 preallocate: bool, keep_cache: bool = False, direct_fd: int = -1) -> None:
         self._fd = fd
+        self._direct_fd = direct_fd  # the same file opened O_DIRECT, or -1
         self._keep_cache = keep_cache
         self.path = path
         self.block = block
@@ -166,7 +184,7 @@ class Writer:
 
     @classmethod
     def open(cls, path: Path, *, block: bool, capacity: int, preallocate: bool,
-             offset: int = 0, keep_cache: bool = False) -> Writer:
+             offset: int = 0, keep_cache: bool = False, direct: bool = False) -> Writer:
         """Open for writing from byte 0, or continue at OFFSET (a resumed upload).
 
         ``keep_cache`` keeps written (clean) pages in the page cache: for a scratch
@@ -182,8 +200,14 @@ class Writer:
             path.parent.mkdir(parents=True, exist_ok=True)
             flags = os.O_WRONLY | os.O_CREAT | (0 if offset else os.O_TRUNC)
             fd = os.open(path, flags, 0o660)
+        direct_fd = -1
+        if direct:
+            try:
+                direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+            except OSError as e:  # tmpfs and some others: buffered writes only
+                log.info("O_DIRECT not available on %s: %s", path, e.strerror)
         w = cls(fd, path, block=block, capacity=capacity, preallocate=preallocate,
-                keep_cache=keep_cache)
+                keep_cache=keep_cache, direct_fd=direct_fd)
         if offset:
             try:
                 if block:
@@ -224,6 +248,51 @@ class Writer:
         view.release()
         if self.offset - self._writeback_started >= WRITEBACK_WINDOW:
             self._writeback()
+
+    def write_data(self, data: memoryview, *, total: int | None = None) -> None:
+        """Write DATA at the current offset as it is, without looking for zeros in it.
+
+        For a caller that has skipped the zeros already (the clone stream).
+        With ``direct``, the aligned part of a page-aligned DATA goes past the cache.
+        """
+        if self.offset + len(data) > self.capacity:
+            if total is not None:
+                raise errors.ImageTooLarge(virtual=total, available=self.capacity)
+            raise errors.StreamTooLarge(read=self.capacity, available=self.capacity)
+        if not data:
+            return
+        if self._direct_fd >= 0 and self.offset % DIRECT_ALIGN == 0 and \
+                len(data) >= DIRECT_ALIGN and _address(data) % DIRECT_ALIGN == 0:
+            n = len(data) - len(data) % DIRECT_ALIGN
+            if self._write_direct(data[:n]):
+                data = data[n:]
+        if data:
+            self._write_data(data)
+        if self.offset - self._writeback_started >= WRITEBACK_WINDOW:
+            self._writeback()
+
+    def _write_direct(self, data: memoryview) -> bool:
+        """Write aligned DATA with O_DIRECT; False (and direct off) if the kernel refuses."""
+        self._flush_hole()
+        done = 0
+        try:
+            while done < len(data):
+                done += os.pwrite(self._direct_fd, data[done:], self.offset + done)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise errors.ProcessingError(
+                    reason=f"writing {self.path}: no space left on device") from e
+            if e.errno != errno.EINVAL or done:
+                raise
+            log.info("O_DIRECT write refused on %s (%s): buffered from here on", self.path,
+                     e.strerror)
+            os.close(self._direct_fd)
+            self._direct_fd = -1
+            return False
+        self.offset += done
+        self.data_bytes += done
+        self._hole_start = self.offset
+        return True
 
     def _writeback(self) -> None:
         start, done = self._writeback_started, self._writeback_done
@@ -284,6 +353,9 @@ class Writer:
         return self.offset
 
     def close(self) -> None:
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -24,6 +24,9 @@ Environment
 ``LISTEN_ADDRESS``             address to listen on (``0.0.0.0``)
 ``LISTEN_PORT``                port; ``0`` picks a free one (``8443``)
 ``UPLOAD_ADDRESS_FILE``        if set, the bound ``host:port`` is written there once listening
+``LISTEN_SOCKET``              also listen on this Unix socket, plain HTTP, for clients on
+                               this machine running as our user (below); its directory
+                               must be ours and mode 0700; at most 107 bytes
 ``TLS_CERT_FILE``,             the server's certificate (chain) and key, PEM.  Without them the
 ``TLS_KEY_FILE``               server only starts on a loopback address (plain HTTP)
 ``CLIENT_CERT_FILE``           CA bundle; when set, every client must present a certificate
@@ -110,6 +113,21 @@ Exit codes and termination message
 "preallocationApplied": <bool>}``.  1: the deadline passed (CDI's
 ``{"message": "Deadline Passed", "deadlinePassed": true}``), bad settings
 (``Invalid settings: ...``), or an async upload failed after its 200.
+
+Local socket
+------------
+With ``LISTEN_SOCKET`` the server listens on a Unix socket as well as on its
+TCP port, and serves the same routes there in plain HTTP; both listeners
+share the one upload (a second one gets 503 whichever way it comes).  The
+socket is created 0600, a stale socket at the path (a killed server's) is
+replaced, anything else there is an error, and the socket is removed on exit.
+Its directory must belong to our user with no group or other permissions, or
+the server does not start; a connection whose peer (``SO_PEERCRED``) runs as
+another user (root aside) is closed unanswered.  ``CLIENT_NAME`` does not
+apply to it: the file system, not a certificate, says who the client is.
+``cdi serve`` uses it for the upload proxy and clone sources, which run as the
+same user (``docs/security.md``, local sockets); on Kubernetes only the TCP
+port with mutual TLS is used.
 
 Resumable uploads
 -----------------

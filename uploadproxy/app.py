@@ -167,4 +167,4 @@ async def _handle_upload(request: web.Request) -> web.StreamResponse:
                                       interval=config.ready_interval)
     path = routing.upstream_path(request.path, target, namespace=namespace, pvc=pvc)
     return await forward.relay(request, request.app[SESSION], base_url=target.url, path=path,
-                               namespace=namespace, pvc=pvc)
+                               namespace=namespace, pvc=pvc, socket=target.socket)

@@ -14,6 +14,11 @@ client certificate.  The query string passes as sent (``?offset=N`` of the
 resume extension).  The upstream's status, headers (less hop-by-hop ones) and
 body come back as they are.
 
+An upload server on this machine that the resolver gives with a Unix socket
+(``cdi serve``) is reached through ``local`` instead: plain HTTP over that
+socket, with the proxy's own body pump; everything said here about headers,
+answers and failures holds for it too.
+
 Failures before the upstream answers are 502 (unreachable, TLS refused, or
 connection dropped mid-upload); once its answer has started, a failure can
 only cut the client's connection, which this module does rather than let a
@@ -31,7 +36,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from uploadproxy import errors, metrics
+from uploadproxy import errors, local, metrics
 
 __all__ = ["FORWARDED_HEADERS", "relay"]
 
@@ -46,6 +51,7 @@ _NOT_RELAYED = frozenset(h.lower() for h in (
 ))
 
 _CHUNK = 64 * 1024
+UPSTREAM_TIMEOUT = 24 * 3600.0  # as app.UPSTREAM_TIMEOUT, if the session has none
 
 
 class _Body:
@@ -103,10 +109,34 @@ async def relay(
     path: str,
     namespace: str,
     pvc: str,
+    socket: str | None = None,
 ) -> web.StreamResponse:
-    """Send ``request`` to ``base_url`` + ``path`` and stream the answer back."""
+    """Send ``request`` to ``base_url`` + ``path`` and stream the answer back.
+
+    With ``socket`` (an upload server on this machine) the request goes to
+    that Unix socket instead, in plain HTTP, through ``local``.
+    """
+    if socket is not None:
+        timeout = session.timeout.total or UPSTREAM_TIMEOUT
+        return await local.relay(request, socket_path=socket, path=path, namespace=namespace,
+                                 pvc=pvc, headers=list(_request_headers(request).items()),
+                                 timeout=timeout)
+    return await _relay(request, session, base_url=base_url, path=path, namespace=namespace,
+                        pvc=pvc)
+
+
+async def _relay(
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    *,
+    base_url: str,
+    path: str,
+    namespace: str,
+    pvc: str,
+) -> web.StreamResponse:
     upstream = _Upstream(namespace, pvc,
                          _upstream_url(base_url, path, request.rel_url.raw_query_string))
+    where = str(upstream.url.origin())
     body = _Body(request.content) if request.body_exists else None
     started = time.monotonic()
     try:
@@ -120,17 +150,18 @@ async def relay(
             response = await _relay_answer(request, answer, upstream)
     except aiohttp.ClientConnectorError as e:
         log.warning("UNREACHABLE namespace=%s pvc=%s upstream=%s error=%s",
-                    namespace, pvc, upstream.url.origin(), e)
+                    namespace, pvc, where, e)
         raise errors.UpstreamUnreachable(namespace=namespace, pvc=pvc) from e
     except (aiohttp.ClientError, TimeoutError) as e:
         if _client_gone(request):
             raise errors.ClientGone() from e
         log.warning("UPSTREAM-CLOSED namespace=%s pvc=%s upstream=%s sent=%d error=%r",
-                    namespace, pvc, upstream.url.origin(), body.count if body else 0, e)
+                    namespace, pvc, where, body.count if body else 0, e)
         raise errors.UpstreamClosed(namespace=namespace, pvc=pvc) from e
-    log.info("PROXIED method=%s path=%s upstream_path=%s namespace=%s pvc=%s status=%d "
-             "bytes=%d seconds=%.3f", request.method, request.path, path, namespace, pvc,
-             response.status, body.count if body else 0, time.monotonic() - started)
+    log.info("PROXIED method=%s path=%s upstream=%s upstream_path=%s namespace=%s pvc=%s "
+             "status=%d bytes=%d seconds=%.3f", request.method, request.path, where, path,
+             namespace, pvc, response.status, body.count if body else 0,
+             time.monotonic() - started)
     return response
 
 

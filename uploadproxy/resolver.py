@@ -34,13 +34,18 @@ class UploadTarget:
     """A ready upload server.
 
     ``url`` is the base URL without a path, ``https://10.0.0.7:8443`` on a
-    cluster or ``http://127.0.0.1:40123`` in embedded mode.  ``content_type`` is
+    cluster or ``https://127.0.0.1:40123`` in embedded mode.  ``content_type`` is
     the PVC's ``cdi.kubevirt.io/storage.contentType`` (``kubevirt``, ``""`` or
     ``archive``): the proxy sends archive uploads to the archive endpoints.
+    ``socket``, when set, is the server's Unix socket on this machine: the
+    proxy then sends there, in plain HTTP, instead of to ``url`` (only a
+    resolver that knows the socket is private to the proxy's user may hand one
+    out; in ``cdi serve``, ``<data dir>/run``, see ``docs/security.md``).
     """
 
     url: str
     content_type: str = KUBEVIRT
+    socket: str | None = None
 
 
 class NotUploadTarget(Exception):

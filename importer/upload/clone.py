@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import mmap
 import queue
 import struct
 import threading
@@ -120,9 +121,11 @@ def receive(body: Reader, tgt: target.Target, *, preallocate: bool,
     The target is rewritten from byte 0: a filesystem volume's disk.img is
     truncated and grown to the declared size, a block volume has every byte
     outside the frames discarded (read as zeros).  With PREALLOCATE the whole
-    image is allocated.  Frame data goes through the Writer, which skips any
-    zeros the source did not.  This thread reads and checks the frames; a
-    writer thread writes them, so the network and the disk work at once.
+    image is allocated.  Frame data is written as it comes, with O_DIRECT where
+    it is aligned (``target.Writer.write_data``): the source skipped the zero
+    blocks already, and the gaps between frames stay holes.  This thread reads
+    and checks the frames into page-aligned buffers; a writer thread writes
+    them, so the network and the disk work at once.
     PROGRESS counts the bytes of the frames' data as bytes read (there is no
     total to count them against: the source knows how much data it has).
     """
@@ -142,7 +145,7 @@ def receive(body: Reader, tgt: target.Target, *, preallocate: bool,
         raise errors.ImageTooLarge(virtual=size, available=tgt.capacity)
     log.info("CLONE size=%d capacity=%d block=%s preallocate=%s", size, tgt.capacity,
              tgt.is_block, preallocate)
-    with tgt.open_writer(preallocate=preallocate) as w:
+    with tgt.open_writer(preallocate=preallocate, direct=True) as w:
         pipe = _Pipe(w, size)
         try:
             frames = _frames(body, pipe, size, progress)
@@ -200,20 +203,24 @@ def _frames(body: Reader, pipe: _Pipe, size: int, progress: Progress | None) -> 
 
 
 class _Pipe:
-    """Frame data from the request thread to a writer thread; BUFFERS buffers go round."""
+    """Frame data from the request thread to a writer thread; BUFFERS buffers go round.
+
+    The buffers are anonymous mmaps, so they are page-aligned, as O_DIRECT
+    writes need.
+    """
 
     def __init__(self, writer: target.Writer, size: int) -> None:
         self._writer = writer
         self._size = size
-        self._free: queue.Queue[bytearray | None] = queue.Queue()
+        self._free: queue.Queue[mmap.mmap | None] = queue.Queue()
         for _ in range(BUFFERS):
-            self._free.put(bytearray(BUFFER_SIZE))
-        self._full: queue.Queue[tuple[bytearray, int, int] | None] = queue.Queue()
+            self._free.put(mmap.mmap(-1, BUFFER_SIZE))
+        self._full: queue.Queue[tuple[mmap.mmap, int, int] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="clone-writer", daemon=True)
         self._thread.start()
 
-    def buffer(self) -> bytearray:
+    def buffer(self) -> mmap.mmap:
         """A free buffer; raises the writer's error if it failed."""
         buf = self._free.get()
         if buf is None:
@@ -221,7 +228,7 @@ class _Pipe:
             raise AssertionError("the clone writer stopped without an error")
         return buf
 
-    def put(self, buf: bytearray, offset: int, length: int) -> None:
+    def put(self, buf: mmap.mmap, offset: int, length: int) -> None:
         self._full.put((buf, offset, length))
 
     def stop(self) -> None:
@@ -238,7 +245,8 @@ class _Pipe:
             while (item := self._full.get()) is not None:
                 buf, offset, length = item
                 _skip_to(self._writer, offset)
-                self._writer.write(buf, length, total=self._size)
+                with memoryview(buf) as view:
+                    self._writer.write_data(view[:length], total=self._size)
                 self._free.put(buf)
         except BaseException as e:  # raised in the request thread (buffer, check)
             self._error = e

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from importer import errors, settings
-from importer.upload import clone
+from importer.upload import clone, localsocket
 
 STATE_NAME = ".upload-state.json"
 DEFAULT_PORT = 8443
@@ -40,6 +40,9 @@ class UploadConfig:
     listen_host: str = "0.0.0.0"  # noqa: S104 - a pod's upload port is meant to be reached
     listen_port: int = DEFAULT_PORT  # 0 picks a free port
     address_file: Path | None = None  # where the bound "host:port" is written
+    # LISTEN_SOCKET: also listen on this Unix socket, plain HTTP, for clients on this
+    # machine running as our user (cdi serve's proxy and clone sources); see localsocket.
+    listen_socket: Path | None = None
 
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -140,6 +143,8 @@ def from_env(env: Mapping[str, str] | None = None) -> UploadConfig:
         listen_host=host,
         listen_port=_port(get("LISTEN_PORT")),
         address_file=Path(v) if (v := get("UPLOAD_ADDRESS_FILE")) else None,
+        listen_socket=localsocket.check_path("LISTEN_SOCKET", v)
+        if (v := get("LISTEN_SOCKET")) else None,
         tls_cert=cert,
         tls_key=key,
         client_ca=client_ca,

@@ -5,10 +5,16 @@ handshake runs in that thread, not in the accept loop, so a slow client cannot
 hold up others (a second upload must be able to get its 503).  Requests are
 framed here (Content-Length or chunked, ``?offset``, ``X-Checksum``, the form
 boundary) and handed to ``uploads.Uploads``, which decides and answers.
+
+With ``LISTEN_SOCKET`` a second listener, on a Unix socket, serves the same
+routes in plain HTTP to clients of our own user (``localsocket`` says why that
+is safe); both listeners share one ``Uploads``, so one upload at a time holds
+across them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import logging
@@ -27,7 +33,7 @@ from importer import errors, settings
 from importer import progress as progress_mod
 from importer.progress import Progress
 from importer.upload import body as body_mod
-from importer.upload import clone
+from importer.upload import clone, localsocket
 from importer.upload.config import UploadConfig
 from importer.upload.uploads import DRAIN_LIMIT, HTTPError, Kind, Request, Route, Uploads
 
@@ -56,7 +62,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "cdi-uploadserver"
     sys_version = ""
     timeout = IDLE_TIMEOUT
-    server: UploadServer
+    server: UploadServer | LocalUploadServer
 
     def setup(self) -> None:
         super().setup()
@@ -68,6 +74,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def version_string(self) -> str:
         return self.server_version
+
+    def address_string(self) -> str:
+        return "local" if self.server.local else str(self.client_address[0])
 
     def log_message(self, format: str, *args: Any) -> None:
         log.info("HTTP client=%s %s", self.address_string(), format % args)
@@ -88,7 +97,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
-            if self.command != "HEAD":
+            if self.command != "HEAD" and data:
                 self.wfile.write(data)
             self.wfile.flush()
         except OSError as e:
@@ -97,7 +106,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _check_client(self) -> None:
         """With CLIENT_NAME, the verified client certificate must name it (CN or DNS SAN)."""
         name = self.server.config.client_name
-        if name is None:
+        if name is None or self.server.local:  # local: the peer's uid was checked on accept
             return
         cert = getattr(self.connection, "getpeercert", lambda: None)() or {}
         names = {v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"}
@@ -231,6 +240,7 @@ def parse_checksum(value: str | None) -> settings.Checksum | None:
 class UploadServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 16
+    local = False
 
     def __init__(self, config: UploadConfig, uploads: Uploads, progress: Progress) -> None:
         self.config = config
@@ -295,6 +305,54 @@ class UploadServer(http.server.ThreadingHTTPServer):
         self.close_request(request)
 
 
+class LocalUploadServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """The same routes on a Unix socket (``LISTEN_SOCKET``), plain HTTP, for our user only.
+
+    The socket file is 0600 in a 0700 directory (checked with the settings),
+    and every connection's peer must run as our user (``SO_PEERCRED``).
+    """
+
+    daemon_threads = True
+    request_queue_size = 16
+    local = True
+
+    def __init__(self, config: UploadConfig, uploads: Uploads, progress: Progress) -> None:
+        assert config.listen_socket is not None
+        self.config = config
+        self.uploads = uploads
+        self.progress = progress
+        self.path = config.listen_socket
+        super().__init__(str(self.path), Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = localsocket.bind(self.path)
+        self._inode = self.path.lstat().st_ino  # to remove our socket, not a successor's
+        self.server_address = str(self.path)
+        try:
+            self.server_activate()
+        except BaseException:
+            self.server_close()
+            raise
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if localsocket.trusted_peer(request):
+            return True
+        log.warning("REFUSED local connection of uid %d: not our user",
+                    localsocket.peer_uid(request))
+        request.close()  # at once: no lingering close for a stranger, in the accept thread
+        return False
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("HTTP handler failed client=local")
+
+    shutdown_request = UploadServer.shutdown_request
+
+    def server_close(self) -> None:
+        super().server_close()
+        with contextlib.suppress(FileNotFoundError):
+            if self.path.lstat().st_ino == self._inode:
+                self.path.unlink()
+
+
 def _linger(sock: socket.socket) -> None:
     """Read and drop what the peer sends until it closes, goes quiet, or time is up."""
     buf = bytearray(64 * 1024)
@@ -322,11 +380,22 @@ def serve(config: UploadConfig) -> tuple[int, str]:
         raise errors.SettingsError(variable="LISTEN_ADDRESS",
                                    reason=f"cannot listen on {config.listen_host}:"
                                           f"{config.listen_port}: {e.strerror or e}") from e
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                              name="upload-accept", daemon=True)
-    thread.start()
-    log.info("LISTEN address=%s tls=%s mtls=%s deadline=%s resume=%s clone=%s", server.address,
-             config.tls, config.client_ca is not None,
+    servers: list[UploadServer | LocalUploadServer] = [server]
+    if config.listen_socket is not None:
+        try:
+            servers.append(LocalUploadServer(config, uploads, progress))
+        except OSError as e:
+            server.server_close()
+            raise errors.SettingsError(variable="LISTEN_SOCKET",
+                                       reason=f"cannot listen on {config.listen_socket}: "
+                                              f"{e.strerror or e}") from e
+    for s in servers:
+        threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.1},
+                         name="upload-accept-local" if s.local else "upload-accept",
+                         daemon=True).start()
+    log.info("LISTEN address=%s socket=%s tls=%s mtls=%s deadline=%s resume=%s clone=%s",
+             server.address, config.listen_socket or "none", config.tls,
+             config.client_ca is not None,
              config.deadline.isoformat() if config.deadline else "none",
              config.resume_state_file or "off", config.clone)
     if config.address_file is not None:
@@ -338,8 +407,14 @@ def serve(config: UploadConfig) -> tuple[int, str]:
         if code == 0 and config.linger:
             time.sleep(config.linger)
     finally:
-        server.shutdown()
-        server.server_close()
+        # Each accept loop notices the request within its poll interval: stop them at once.
+        stoppers = [threading.Thread(target=s.shutdown, name="upload-stop") for s in servers]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join()
+        for s in servers:
+            s.server_close()
         if metrics is not None:
             metrics.server_close()
     return code, message

@@ -4,6 +4,7 @@ annotations and events, and content equal to the source."""
 from __future__ import annotations
 
 import signal
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -423,3 +424,38 @@ def test_deleting_a_clone_mid_copy_removes_its_workers(server: Server, tmp_path:
     assert server.create(_clone("again", "src", cls="local", size="1Gi")).status_code == 201
     seen = _phases(server, "again", timeout=120)
     assert seen[-1] == "Succeeded", seen
+
+
+def test_host_assisted_copy_goes_over_the_private_unix_socket(server: Server,
+                                                              tmp_path: Path) -> None:
+    """In cdi serve the source worker reaches the upload server's Unix socket, plain HTTP:
+    the socket is 0600 in a 0700 directory of the data dir, the source pod gets no client
+    certificate, and the socket is gone with the upload server."""
+    raw = images.make_raw(tmp_path / "src.raw", virtual_size=1024 * MiB,
+                          extents=[(i * 128 * MiB, 48 * MiB) for i in range(8)], seed=14)
+    p = server.cli("image-upload", "dv", "src", "--image-path", str(raw), "--size", "1Gi",
+                   "--storage-class", "local")
+    assert p.returncode == 0, p.stderr
+    assert server.create(_clone("local", "src", cls="local", size="1Gi")).status_code == 201
+    uid = server.get("dv", "local")["metadata"]["uid"]
+    source = server.wait_for("pod", f"{uid}-source-pod", lambda o: True)
+    upload = server.get("pod", "cdi-upload-local")
+    sock = Path(upload["metadata"]["annotations"]["embedded.cdi.kubevirt.io/upload-socket"])
+    assert sock.parent == server.data_dir / "run"
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    env = {e["name"]: e.get("value") for e in source["spec"]["containers"][0]["env"]}
+    assert env["UPLOAD_SOCKET"] == str(sock)
+    assert "CLIENT_CERT_FILE" not in env and "SERVER_CA_FILE" not in env
+    assert server.session.get(server.path("secret", f"{uid}-source-pod"),
+                              timeout=10).status_code == 404
+    if sock.exists():  # the copy may be over already
+        assert stat.S_ISSOCK(sock.lstat().st_mode)
+        assert stat.S_IMODE(sock.lstat().st_mode) == 0o600
+    seen = _phases(server, "local", timeout=120)
+    assert seen[-1] == "Succeeded", seen
+    assert qemu_img.compare(str(raw), str(volume_of(server, "local")))
+    assert images.allocated_bytes(volume_of(server, "local")) <= 400 * MiB, "stays sparse"
+    deadline = time.monotonic() + 20
+    while sock.exists():
+        assert time.monotonic() < deadline, "the socket outlives its upload server"
+        time.sleep(0.1)

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import tempfile
 import time
@@ -144,8 +145,8 @@ def test_image_upload_resumes_after_the_upload_server_dies(server: Server,
 
 
 def test_upload_servers_speak_mutual_tls_only(server: Server, raw: Path) -> None:
-    """The proxy reaches each upload server over TLS with its own certificate,
-    and the server accepts no client but the proxy."""
+    """On its TCP port (what a cluster uses) each upload server speaks TLS with its own
+    certificate and accepts no client but one with the proxy's client certificate."""
     dv: dict[str, Any] = {
         "apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
         "metadata": {"name": "mtls"},
@@ -180,11 +181,81 @@ def test_upload_servers_speak_mutual_tls_only(server: Server, raw: Path) -> None
         with pytest.raises(requests.exceptions.SSLError):
             requests.get(f"https://{address}/healthz", verify=str(signer),
                          cert=str(cert_file), timeout=10)
-    # The proxy, with its client certificate, gets through.
-    url, ca = _proxy(server)
+    # The proxy's client certificate gets through: an upload straight to the port.
+    proxy_client = server.data_dir / "uploadserver-client-signer" / "client"
     with raw.open("rb") as f:
-        r = requests.post(f"{url}/v1beta1/upload", data=f, verify=ca, timeout=120,
-                          headers={"Authorization": f"Bearer {_token(server, 'mtls')}"})
+        r = requests.post(f"https://{address}/v1beta1/upload", data=f, verify=str(signer),
+                          cert=(str(proxy_client / "tls.crt"), str(proxy_client / "tls.key")),
+                          timeout=120)
     assert r.status_code == 200, r.text
     server.wait_for("dv", "mtls", lambda o: phase(o) == "Succeeded")
     assert qemu_img.compare(str(raw), str(volume_of(server, "mtls")))
+
+
+def test_the_proxy_reaches_upload_servers_over_a_private_unix_socket(server: Server,
+                                                                     raw: Path) -> None:
+    """In cdi serve the proxy sends to the upload server's Unix socket (no TLS on that hop):
+    0600 in a 0700 directory of the data dir, so only the serving user gets in."""
+    dv: dict[str, Any] = {
+        "apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+        "metadata": {"name": "local"},
+        "spec": {"source": {"upload": {}},
+                 "storage": {"resources": {"requests": {"storage": "64Mi"}}}}}
+    assert server.create(dv).status_code == 201
+    server.wait_for("dv", "local", lambda o: phase(o) == "UploadReady")
+    pod = server.get("pod", "cdi-upload-local")
+    sock = Path(pod["metadata"]["annotations"]["embedded.cdi.kubevirt.io/upload-socket"])
+    assert sock.parent == server.data_dir / "run"
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    assert stat.S_ISSOCK(sock.lstat().st_mode)
+    assert stat.S_IMODE(sock.lstat().st_mode) == 0o600
+    assert sock.lstat().st_uid == os.geteuid()
+    # Our user speaks plain HTTP there ...
+    ok = subprocess.run(["curl", "-sS", "--unix-socket", str(sock), "http://localhost/healthz"],
+                        capture_output=True, text=True, timeout=30, check=False)
+    assert (ok.returncode, ok.stdout) == (0, "OK"), ok.stderr
+    if os.geteuid() == 0:  # ... another user cannot even connect (root can switch to one)
+        other = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "curl", "-sS",
+             "--unix-socket", str(sock), "http://localhost/healthz"],
+            capture_output=True, text=True, timeout=30, check=False)
+        assert (other.returncode, other.stdout) == (7, ""), other  # could not connect
+    url, ca = _proxy(server)
+    with raw.open("rb") as f:
+        r = requests.post(f"{url}/v1beta1/upload", data=f, verify=ca, timeout=120,
+                          headers={"Authorization": f"Bearer {_token(server, 'local')}"})
+    assert (r.status_code, r.text) == (200, "")
+    server.wait_for("dv", "local", lambda o: phase(o) == "Succeeded")
+    assert qemu_img.compare(str(raw), str(volume_of(server, "local")))
+    log = server.log()
+    assert "upstream=unix:" + str(sock) in log, "the proxy went over the Unix socket"
+
+
+def test_a_data_dir_too_long_for_a_socket_keeps_mutual_tls(tmp_path: Path, raw: Path) -> None:
+    """A socket path must fit in 107 bytes: with a longer data dir cdi serve makes no socket,
+    says so, and the proxy reaches the upload server over TCP with mutual TLS."""
+    server = Server(tmp_path / ("d" * 100)).start()
+    try:
+        assert len(str(server.data_dir / "run" / "0123456789abcdef.sock")) > 107
+        dv: dict[str, Any] = {
+            "apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+            "metadata": {"name": "far"},
+            "spec": {"source": {"upload": {}},
+                     "storage": {"resources": {"requests": {"storage": "64Mi"}}}}}
+        assert server.create(dv).status_code == 201
+        server.wait_for("dv", "far", lambda o: phase(o) == "UploadReady")
+        annotations = server.get("pod", "cdi-upload-far")["metadata"]["annotations"]
+        assert "embedded.cdi.kubevirt.io/upload-socket" not in annotations
+        url, ca = _proxy(server)
+        with raw.open("rb") as f:
+            r = requests.post(f"{url}/v1beta1/upload", data=f, verify=ca, timeout=120,
+                              headers={"Authorization": f"Bearer {_token(server, 'far')}"})
+        assert (r.status_code, r.text) == (200, "")
+        server.wait_for("dv", "far", lambda o: phase(o) == "Succeeded")
+        assert qemu_img.compare(str(raw), str(volume_of(server, "far")))
+        log = server.log()
+        assert "data dir too long for a Unix socket" in log
+        assert "upstream=https://127.0.0.1:" in log, "the proxy went over TCP"
+    finally:
+        server.session.close()
+        server.stop()

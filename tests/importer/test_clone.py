@@ -488,6 +488,72 @@ def test_source_refuses_to_start(std: Path, start_source: StartSource, env: dict
     assert message.startswith(text), message
 
 
+# --- the local Unix socket (cdi serve) ----------------------------------------------
+
+
+_NO_TLS = {"CLIENT_CERT_FILE": "", "CLIENT_KEY_FILE": "", "SERVER_CA_FILE": ""}
+
+
+@pytest.mark.parametrize("target_block", [False, True], ids=["fs", "block"])
+def test_clone_over_the_unix_socket(std: Path, start_target: StartTarget,
+                                    start_source: StartSource, volume: Callable[..., Volume],
+                                    tmp_path: Path, target_block: bool) -> None:
+    """UPLOAD_SOCKET: plain HTTP to the target's LISTEN_SOCKET, no certificate at all, and
+    the same stream, sparse copy and answer as over mutual TLS."""
+    sockets = tmp_path / "s"
+    sockets.mkdir(mode=0o700)
+    vol = volume(block=target_block, block_size=96 * MiB)
+    if target_block:
+        _scribble(vol.disk, [5 * MiB, 30 * MiB])
+    target = start_target(vol, LISTEN_SOCKET=str(sockets / "t.sock"))
+    # UPLOAD_URL names a port nobody listens on: only the socket can be used.
+    source = start_source(std, "https://127.0.0.1:1/v1beta1/upload",
+                          UPLOAD_SOCKET=str(sockets / "t.sock"), **_NO_TLS)
+    result = _cloned(source, allocated=STD_DATA + STD_ZEROS[1], sent=STD_DATA)
+    assert result["attempts"] == 1
+    target.completed()
+    _same(std, vol.disk)
+    _sparse(vol.disk, STD_DATA)
+    assert 'client=local "POST /v1beta1/upload HTTP/1.1" 200' in target.output()
+
+
+def test_clone_socket_refusal_is_final(std: Path, start_target: StartTarget,
+                                       start_source: StartSource, volume: Callable[..., Volume],
+                                       tmp_path: Path) -> None:
+    sockets = tmp_path / "s"
+    sockets.mkdir(mode=0o700)
+    target = start_target(volume(), LISTEN_SOCKET=str(sockets / "t.sock"),
+                          UPLOAD_IMAGE_SIZE="16Mi")
+    code, message, log = start_source(std, "", UPLOAD_SOCKET=str(sockets / "t.sock"),
+                                      **_NO_TLS).finish()
+    assert code == 1, log
+    assert message.startswith("Unable to clone data: the upload server answered 400 Bad "
+                              "Request: Saving stream failed: effective image size is larger "
+                              "than the reported available storage"), message
+    target.waiting()
+
+
+@pytest.mark.parametrize(("case", "text"), [
+    ("open-dir", "Invalid settings: UPLOAD_SOCKET: "),
+    ("nobody-listens", "Unable to clone data: sending to unix:"),
+])
+def test_clone_source_socket_checks(std: Path, start_source: StartSource, tmp_path: Path,
+                                    case: str, text: str) -> None:
+    d = tmp_path / "sockets"
+    d.mkdir(mode=0o700)
+    if case == "open-dir":
+        d.chmod(0o777)  # anyone could have put a socket there: it proves nothing
+    code, message, log = start_source(std, "", UPLOAD_SOCKET=str(d / "t.sock"),
+                                      **_NO_TLS).finish()
+    assert code == 1, log
+    assert message.startswith(text), message
+    if case == "open-dir":
+        assert message.endswith("is mode 777: a socket's directory must be 0700, private to "
+                                "its user")
+    else:
+        assert "failed after 3 attempts: cannot connect to unix:" in message
+
+
 # --- dropped connections ------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import subprocess
@@ -143,3 +144,74 @@ def test_scratch_writer_keeps_the_page_cache(tmp_path: Path) -> None:
         sizes[keep] = cached(path)
     assert sizes[True] >= 3 * target.WRITEBACK_WINDOW
     assert sizes[False] <= 2 * target.WRITEBACK_WINDOW
+
+
+def _cached(path: Path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0])
+
+
+@pytest.mark.parametrize("block", [False, True])
+def test_write_data_direct(tmp_path: Path, block: bool) -> None:
+    """write_data: aligned pieces of page-aligned buffers go past the page cache (O_DIRECT),
+    unaligned ones and read-only buffers take the cache; gaps stay holes; content exact."""
+    path = tmp_path / "t"
+    if block:
+        path.write_bytes(b"\xee" * (16 * MiB))
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # count only what we write
+        os.close(fd)
+        assert _cached(path) == 0
+    rnd = random.Random(5)
+    aligned = mmap.mmap(-1, 4 * MiB)
+    aligned.write(rnd.randbytes(4 * MiB))
+    odd = rnd.randbytes(10_000)  # read-only bytes, odd length
+    expected = bytearray(12 * MiB)
+    with target.Writer.open(path, block=block, capacity=16 * MiB, preallocate=False,
+                            direct=True) as w:
+        w.offset = MiB  # a hole before
+        with memoryview(aligned) as view:
+            w.write_data(view[: 4 * MiB])  # aligned: direct
+            expected[MiB : 5 * MiB] = aligned[: 4 * MiB]
+            w.offset = 6 * MiB + 512  # unaligned start: buffered
+            w.write_data(view[: 2 * MiB])
+            expected[6 * MiB + 512 : 8 * MiB + 512] = aligned[: 2 * MiB]
+            w.offset = 9 * MiB  # aligned start, length not a block multiple: both ways
+            w.write_data(view[: MiB + 100])
+            expected[9 * MiB : 10 * MiB + 100] = aligned[: MiB + 100]
+        w.write_data(memoryview(odd))  # read-only: buffered
+        expected[10 * MiB + 100 : 10 * MiB + 100 + len(odd)] = odd
+        w.offset = 12 * MiB
+        with pytest.raises(errors.ImageTooLarge):
+            w.write_data(memoryview(bytes(5 * MiB)), total=17 * MiB)
+        assert w.finish() == 12 * MiB
+        data = w.data_bytes
+        cached = _cached(path)
+    content = path.read_bytes()
+    assert content[: 12 * MiB] == expected
+    if block:
+        assert content[12 * MiB :] == b"\xee" * (4 * MiB), "beyond the image: untouched"
+        assert content[: MiB] == bytes(MiB), "the hole before the data was discarded"
+    else:
+        assert path.stat().st_size == 12 * MiB
+    assert data == 4 * MiB + 2 * MiB + MiB + 100 + len(odd)
+    # Only the buffered pieces (2 MiB + a block + 10 KB, page-rounded) went through the cache.
+    assert cached <= 2 * MiB + 3 * 4 * KiB + len(odd) + 8 * KiB, cached
+    if not block:
+        assert images.allocated_bytes(path) <= data + 64 * KiB, "holes stay holes"
+
+
+def test_write_data_without_direct_io(tmp_path: Path) -> None:
+    """On a file system that refuses O_DIRECT (tmpfs on older kernels) the writer falls back
+    to buffered writes; here O_DIRECT is not asked for, and the result is the same."""
+    path = tmp_path / "t"
+    buf = mmap.mmap(-1, MiB)
+    buf.write(os.urandom(MiB))
+    with target.Writer.open(path, block=False, capacity=4 * MiB, preallocate=False) as w:
+        with memoryview(buf) as view:
+            w.write_data(view)
+        w.finish()
+        assert _cached(path) == MiB  # through the page cache
+    assert path.read_bytes() == buf[:]

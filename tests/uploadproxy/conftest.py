@@ -12,8 +12,8 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from cdi.api import tokens
-from tests.uploadproxy.servers import DictResolver, ServerThread, Upstream
-from uploadproxy import UploadTarget, create_app
+from tests.uploadproxy.servers import DictResolver, ServerThread, Upstream, target
+from uploadproxy import create_app
 
 NAMESPACE = "ns"
 PVC = "disk"
@@ -24,7 +24,8 @@ class Token(Protocol):
 
 
 class UpstreamFactory(Protocol):
-    def __call__(self, *, ssl_context: ssl.SSLContext | None = None) -> tuple[Upstream, str]: ...
+    def __call__(self, *, ssl_context: ssl.SSLContext | None = None,
+                 unix: bool = False) -> tuple[Upstream, str]: ...
 
 
 @pytest.fixture(scope="session")
@@ -46,12 +47,17 @@ def make_upstream(tmp_path: Path) -> Iterator[UpstreamFactory]:
     """Start stand-in upload servers; each call returns ``(upstream, base_url)``."""
     servers: list[ServerThread] = []
 
-    def start(*, ssl_context: ssl.SSLContext | None = None) -> tuple[Upstream, str]:
+    def start(*, ssl_context: ssl.SSLContext | None = None,
+              unix: bool = False) -> tuple[Upstream, str]:
         spool = tmp_path / f"upstream{len(servers)}"
         spool.mkdir()
         upstream = Upstream(spool)
+        sockets = tmp_path / "s"
+        sockets.mkdir(mode=0o700, exist_ok=True)
         server = ServerThread(upstream.app(), ssl_context=ssl_context,
-                              name=f"upstream{len(servers)}").start()
+                              name=f"upstream{len(servers)}",
+                              unix_path=sockets / f"{len(servers)}.sock" if unix else None
+                              ).start()
         servers.append(server)
         return upstream, server.url
 
@@ -60,16 +66,19 @@ def make_upstream(tmp_path: Path) -> Iterator[UpstreamFactory]:
         server.stop()
 
 
-@pytest.fixture
-def upstream(make_upstream: UpstreamFactory) -> tuple[Upstream, str]:
-    return make_upstream()
+@pytest.fixture(params=["tcp", "unix"])
+def upstream(make_upstream: UpstreamFactory, request: pytest.FixtureRequest
+             ) -> tuple[Upstream, str]:
+    """A stand-in upload server on 127.0.0.1 (the aiohttp client, as on a cluster) or on a
+    Unix socket (the proxy's own pump, as in cdi serve); the URL is ``unix:<path>`` then."""
+    return make_upstream(unix=request.param == "unix")
 
 
 @pytest.fixture
 def resolver(upstream: tuple[Upstream, str]) -> DictResolver:
     """Knows ns/disk, served by ``upstream``, ready at once."""
     resolver = DictResolver()
-    resolver.set(NAMESPACE, PVC, UploadTarget(upstream[1]))
+    resolver.set(NAMESPACE, PVC, target(upstream[1]))
     return resolver
 
 

@@ -29,9 +29,10 @@ class ServerThread:
     """An aiohttp ``Application`` served on 127.0.0.1:<free port> from a background thread."""
 
     def __init__(self, app: web.Application, *, ssl_context: ssl.SSLContext | None = None,
-                 name: str = "server") -> None:
+                 name: str = "server", unix_path: Path | None = None) -> None:
         self._app = app
         self._ssl = ssl_context
+        self._unix_path = unix_path
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
         self._runner: web.AppRunner | None = None
@@ -39,6 +40,9 @@ class ServerThread:
 
     @property
     def url(self) -> str:
+        """``http(s)://127.0.0.1:<port>``, or ``unix:<path>`` (see :func:`target`)."""
+        if self._unix_path is not None:
+            return f"unix:{self._unix_path}"
         scheme = "https" if self._ssl else "http"
         return f"{scheme}://127.0.0.1:{self.port}"
 
@@ -56,6 +60,9 @@ class ServerThread:
     async def _start(self) -> int:
         self._runner = web.AppRunner(self._app, shutdown_timeout=1.0, access_log=None)
         await self._runner.setup()
+        if self._unix_path is not None:
+            await web.UnixSite(self._runner, str(self._unix_path)).start()
+            return 0
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._ssl)
         await site.start()
         address = self._runner.addresses[0]
@@ -101,6 +108,7 @@ class Upstream:
     pause: tuple[int, float] | None = None
     offset_answer: str = '{"offset": 0}'
     cut_answer: bool = False
+    chunked_answer: bytes | None = None  # sent in the chunked coding, in pieces
     seen: list[Seen] = field(default_factory=list)
 
     def app(self) -> web.Application:
@@ -129,6 +137,15 @@ class Upstream:
             await response.write(b"partial answer")
             assert request.transport is not None
             request.transport.abort()
+            return response
+        if self.chunked_answer is not None:
+            response = web.StreamResponse(status=201, reason="Made It")
+            response.enable_chunked_encoding()
+            response.headers["X-Answer"] = "chunked"
+            await response.prepare(request)
+            for i in range(0, len(self.chunked_answer), 7000):
+                await response.write(self.chunked_answer[i : i + 7000])
+            await response.write_eof()
             return response
         status, text = self.answer
         return web.Response(status=status, text=text)
@@ -168,6 +185,14 @@ def _peer_cn(request: web.Request) -> str | None:
             if key == "commonName":
                 return str(value)
     return None
+
+
+def target(url: str, content_type: str = "kubevirt") -> UploadTarget:
+    """The resolver's answer for a stand-in at URL: a base URL, or ``unix:<socket path>``."""
+    if url.startswith("unix:"):
+        return UploadTarget("https://127.0.0.1:1", content_type=content_type,
+                            socket=url.removeprefix("unix:"))
+    return UploadTarget(url, content_type=content_type)
 
 
 Answer = UploadTarget | None | BaseException

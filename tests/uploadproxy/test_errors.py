@@ -7,13 +7,14 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import requests
 from prometheus_client import REGISTRY
 
 from tests.uploadproxy.conftest import NAMESPACE, PVC, Token
-from tests.uploadproxy.servers import DictResolver, Upstream
+from tests.uploadproxy.servers import DictResolver, Upstream, target
 from uploadproxy import UploadTarget, create_app
 
 MiB = 1024 * 1024
@@ -59,9 +60,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.parametrize("where", ["tcp", "unix-missing", "unix-stale"])
 def test_upstream_down_is_502(proxy: str, resolver: DictResolver, http: requests.Session,
-                              token: Token, caplog: pytest.LogCaptureFixture) -> None:
-    resolver.set(NAMESPACE, PVC, UploadTarget(f"http://127.0.0.1:{_free_port()}"))
+                              token: Token, caplog: pytest.LogCaptureFixture, tmp_path: Path,
+                              where: str) -> None:
+    if where == "tcp":
+        resolver.set(NAMESPACE, PVC, UploadTarget(f"http://127.0.0.1:{_free_port()}"))
+    else:
+        path = tmp_path / "gone.sock"
+        if where == "unix-stale":  # a killed server's socket: bound, nobody listening
+            with socket.socket(socket.AF_UNIX) as s:
+                s.bind(str(path))
+        resolver.set(NAMESPACE, PVC, target(f"unix:{path}"))
     response = _post(http, proxy, token(), b"x" * MiB)
     assert (response.status_code, response.text) == (
         502, "cannot reach the upload server for ns/disk")

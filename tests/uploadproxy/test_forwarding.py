@@ -10,8 +10,8 @@ import pytest
 import requests
 
 from tests.uploadproxy.conftest import NAMESPACE, PVC, Token, UpstreamFactory
-from tests.uploadproxy.servers import DictResolver, Upstream
-from uploadproxy import UploadTarget, routing
+from tests.uploadproxy.servers import DictResolver, Upstream, target
+from uploadproxy import routing
 
 BODY = os.urandom(1024 * 1024 + 17)
 
@@ -99,7 +99,7 @@ def test_archive_pvcs_go_to_the_archive_endpoint(
         proxy: str, upstream: tuple[Upstream, str], resolver: DictResolver, token: Token,
         http: requests.Session, path: str, upstream_path: str) -> None:
     server, url = upstream
-    resolver.set(NAMESPACE, PVC, UploadTarget(url, content_type="archive"))
+    resolver.set(NAMESPACE, PVC, target(url, "archive"))
     response = http.post(f"{proxy}{path}?offset=3", data=b"tar", headers=_auth(token()))
     assert response.status_code == 200
     [seen] = server.seen
@@ -110,7 +110,7 @@ def test_empty_content_type_is_kubevirt(proxy: str, upstream: tuple[Upstream, st
                                         resolver: DictResolver, token: Token,
                                         http: requests.Session) -> None:
     server, url = upstream
-    resolver.set(NAMESPACE, PVC, UploadTarget(url, content_type=""))
+    resolver.set(NAMESPACE, PVC, target(url, ""))
     assert http.post(f"{proxy}/v1beta1/upload", data=b"x", headers=_auth(token())).ok
     assert server.seen[0].path == "/v1beta1/upload"
 
@@ -119,7 +119,7 @@ def test_invalid_content_type_is_refused(proxy: str, upstream: tuple[Upstream, s
                                          resolver: DictResolver, token: Token,
                                          http: requests.Session) -> None:
     server, url = upstream
-    resolver.set(NAMESPACE, PVC, UploadTarget(url, content_type="<i>iso</i>"))
+    resolver.set(NAMESPACE, PVC, target(url, "<i>iso</i>"))
     response = http.post(f"{proxy}/v1beta1/upload", data=b"x", headers=_auth(token()))
     assert response.status_code == 503
     assert response.text == ("rejecting upload request for PVC ns/disk: "
@@ -162,7 +162,7 @@ def test_the_token_decides_the_pvc(proxy: str, upstream: tuple[Upstream, str],
                                    token: Token, http: requests.Session) -> None:
     first, _ = upstream
     other, other_url = make_upstream()
-    resolver.set("other-ns", "other", UploadTarget(other_url))
+    resolver.set("other-ns", "other", target(other_url))
     response = http.post(f"{proxy}/v1beta1/upload", data=b"for the other one",
                          headers=_auth(token("other-ns", "other")))
     assert response.status_code == 200
@@ -179,3 +179,14 @@ def test_get_on_upload_paths_is_not_allowed(proxy: str, http: requests.Session) 
     response = http.get(f"{proxy}/v1beta1/upload")
     assert response.status_code == 405
     assert response.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_a_chunked_answer_comes_back_whole(proxy: str, upstream: tuple[Upstream, str],
+                                           token: Token, http: requests.Session) -> None:
+    server, _ = upstream
+    server.chunked_answer = os.urandom(100_000)
+    r = http.post(f"{proxy}/v1beta1/upload", data=b"x" * 1000, timeout=30,
+                  headers={"Authorization": f"Bearer {token()}"})
+    assert (r.status_code, r.reason, r.headers["X-Answer"]) == (201, "Made It", "chunked")
+    assert r.content == server.chunked_answer
+    assert server.seen[0].size == 1000 and server.seen[0].complete

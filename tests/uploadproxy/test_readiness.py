@@ -9,7 +9,7 @@ from collections.abc import Callable
 import requests
 
 from tests.uploadproxy.conftest import NAMESPACE, PVC, Token
-from tests.uploadproxy.servers import DictResolver, Upstream
+from tests.uploadproxy.servers import DictResolver, Upstream, target
 from uploadproxy import NotReadyYet, NotUploadTarget, UploadTarget
 
 
@@ -23,7 +23,7 @@ def test_not_ready_then_ready_within_the_wait(make_proxy: Callable[..., str],
                                               resolver: DictResolver, http: requests.Session,
                                               token: Token) -> None:
     server, url = upstream
-    resolver.set(NAMESPACE, PVC, None, NotReadyYet("pod is Pending"), None, UploadTarget(url))
+    resolver.set(NAMESPACE, PVC, None, NotReadyYet("pod is Pending"), None, target(url))
     proxy = make_proxy(ready_interval=0.1, ready_timeout=5.0)
     started = time.monotonic()
     response = _post(http, proxy, token())

@@ -38,6 +38,8 @@ SCRIPT = textwrap.dedent('''
 
     class Fixed:
         async def upload_server(self, namespace, pvc):
+            if sys.argv[2].startswith("unix:"):
+                return UploadTarget("https://127.0.0.1:1", socket=sys.argv[2][5:])
             return UploadTarget(sys.argv[2])
 
     async def main():

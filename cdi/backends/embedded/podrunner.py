@@ -6,7 +6,11 @@ at device ``/dev/cdi-block-volume`` is the volume's raw file), each container
 runs as a subprocess with its environment, ``restartPolicy: OnFailure`` restarts
 it with exponential backoff, and exit code, termination message and restart
 count land in the Pod's status as a kubelet would write them.  Output goes to
-a log file per pod (``cdi logs``).  Workers die with ``cdi serve``
+a log file per pod (``cdi logs``).  An upload server also listens on a Unix
+socket in ``<data dir>/run`` (0700; ``LISTEN_SOCKET``), published in the
+annotation ``embedded.cdi.kubevirt.io/upload-socket`` with its address: the
+upload proxy and clone sources, which run as the same user, reach it there
+without TLS (``docs/security.md``, local sockets).  Workers die with ``cdi serve``
 (``setpriv --pdeathsig``), and a worker left from a killed ``cdi serve`` is
 stopped on the next start before its pod runs again.
 """
@@ -18,6 +22,7 @@ import base64
 import contextlib
 import datetime
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -47,6 +52,8 @@ COMMANDS = {"cdi-importer": [sys.executable, "-m", "importer"],
             "cdi-uploadserver": [sys.executable, "-m", "importer.uploadserver"],
             "cdi-clone-source": [sys.executable, "-m", "importer.clonesource"]}
 UPLOAD_ANNOTATION = "embedded.cdi.kubevirt.io/upload-address"
+SOCKET_ANNOTATION = "embedded.cdi.kubevirt.io/upload-socket"
+SOCKET_PATH_MAX = 107  # sun_path, less its NUL
 STOP_GRACE = 10.0
 CONFIG_RETRY = 0.5  # seconds between looks for a missing Secret or ConfigMap
 
@@ -63,6 +70,7 @@ class PodRunner:
         # Like a node's capacity: pods beyond it stay Pending until a worker ends.
         self._slots = asyncio.Semaphore(max_running or max(4, 2 * (os.cpu_count() or 1)))
         self._root = data_dir / "pods"
+        self._sockets = data_dir / "run"  # short: a socket's path must fit in 107 bytes
         self._volumes = volumes
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
@@ -175,6 +183,7 @@ class PodRunner:
             if uid in self._deleted:
                 self._deleted.discard(uid)
                 shutil.rmtree(self.pod_dir(ns, name), ignore_errors=True)
+                self.socket_path(uid).unlink(missing_ok=True)  # left if its worker was killed
 
     async def _environment_when_ready(self, pod: Obj) -> dict[str, str]:
         """Like the kubelet: a missing Secret or ConfigMap keeps the container waiting."""
@@ -216,6 +225,9 @@ class PodRunner:
             "LISTEN_PORT": "0",
             "UPLOAD_ADDRESS_FILE": str(d / "upload-address"),
         })
+        if _argv(container)[-1] == "importer.uploadserver" and \
+                (sock := self._socket_path(meta["uid"])) is not None:
+            env["LISTEN_SOCKET"] = str(sock)
         for v in pod["spec"].get("volumes", []):
             if "configMap" in v:
                 await self._materialize_config_map(ns, v["configMap"]["name"], d / v["name"])
@@ -258,6 +270,20 @@ class PodRunner:
             pv_name = await self._wait_bound(ns, claims[volume], pod)
             env[variable] = str(self._volumes.path(pv_name, block=block))
         return env
+
+    def socket_path(self, uid: str) -> Path:
+        """The Unix socket of the upload server of pod UID: short, in a 0700 directory."""
+        return self._sockets / (hashlib.sha256(uid.encode()).hexdigest()[:16] + ".sock")
+
+    def _socket_path(self, uid: str) -> Path | None:
+        path = self.socket_path(uid)
+        if len(os.fsencode(path)) > SOCKET_PATH_MAX:
+            log.warning("PODRUNNER data dir too long for a Unix socket (%s): upload servers "
+                        "are reached over TCP with mutual TLS only", path)
+            return None
+        self._sockets.mkdir(mode=0o700, exist_ok=True)
+        self._sockets.chmod(0o700)  # also if it was made otherwise
+        return path
 
     async def _env_value(self, namespace: str, var: Obj) -> str:
         ref = var.get("valueFrom", {}).get("secretKeyRef")
@@ -362,14 +388,17 @@ class PodRunner:
                     if address:
                         del pending[file]
                         ready: dict[str, Any] | None = None
+                        published = {annotation: address}
                         if annotation == UPLOAD_ANNOTATION:
+                            if "LISTEN_SOCKET" in env:  # listening by now, like the port
+                                published[SOCKET_ANNOTATION] = env["LISTEN_SOCKET"]
                             ready = {"conditions": [{"type": "PodScheduled", "status": "True"},
                                                     {"type": "Ready", "status": "True"}],
                                      "containerStatuses": [{
                                          "name": container["name"], "ready": True,
                                          "restartCount": restarts,
                                          "state": {"running": {"startedAt": now()}}}]}
-                        await self._status(pod, ready, annotations={annotation: address})
+                        await self._status(pod, ready, annotations=published)
                 await asyncio.wait({waiter}, timeout=0.05)
             rc = await waiter
         except BaseException:

@@ -3,13 +3,15 @@
 An upload target claim carries ``cdi.kubevirt.io/storage.upload.target``; its
 upload server is the worker of pod ``cdi-upload-<claim>``, which listens on a
 loopback port the pod runner publishes in an annotation once it is ready, over
-HTTPS with its own certificate when the pod mounts one.
+HTTPS with its own certificate when the pod mounts one.  The pod runner also
+publishes the worker's Unix socket (in the data dir's private ``run``
+directory): the proxy, running as the same user, sends there without TLS.
 """
 
 from __future__ import annotations
 
 from cdi.api import errors
-from cdi.backends.embedded.podrunner import UPLOAD_ANNOTATION
+from cdi.backends.embedded.podrunner import SOCKET_ANNOTATION, UPLOAD_ANNOTATION
 from cdi.backends.port import ObjectStore
 from uploadproxy.resolver import NotReadyYet, NotUploadTarget, UploadTarget
 
@@ -37,11 +39,13 @@ class EmbeddedResolver:
             pod = await self._store.get("Pod", f"cdi-upload-{pvc}", namespace)
         except errors.NotFound:
             raise NotReadyYet("the upload server pod does not exist yet") from None
-        address = pod["metadata"].get("annotations", {}).get(UPLOAD_ANNOTATION)
+        pod_annotations = pod["metadata"].get("annotations", {})
+        address = pod_annotations.get(UPLOAD_ANNOTATION)
         if not address or pod.get("status", {}).get("phase") != "Running":
             raise NotReadyYet("the upload server is starting")
         # With a certificate (mutual TLS) the worker serves HTTPS; see importpod.
         env = {e["name"] for e in pod["spec"]["containers"][0].get("env", [])}
         scheme = "https" if "TLS_CERT_FILE" in env else "http"
         return UploadTarget(url=f"{scheme}://{address}",
-                            content_type=annotations.get(CONTENT_TYPE, "kubevirt") or "kubevirt")
+                            content_type=annotations.get(CONTENT_TYPE, "kubevirt") or "kubevirt",
+                            socket=pod_annotations.get(SOCKET_ANNOTATION) or None)

@@ -499,7 +499,8 @@ class CloneController(DataVolumeController):
             return Result(requeue_after=0.2)
         source_pod = await self._get("Pod", source_pod_name(dv), src_ns)
         if source_pod is None:
-            await self._create_source_pod(dv, target, src, address)
+            await self._create_source_pod(dv, target, src, address, socket=upload["metadata"].get(
+                "annotations", {}).get(pods.SOCKET_ANNOTATION) or None)
             return Result(requeue_after=0.2)
         url = next((e.get("value") for e in source_pod["spec"]["containers"][0].get("env", [])
                     if e["name"] == "UPLOAD_URL"), "")
@@ -561,10 +562,12 @@ class CloneController(DataVolumeController):
         except api_errors.AlreadyExists:
             pass
 
-    async def _create_source_pod(self, dv: Obj, target: Obj, src: Obj, address: str) -> None:
+    async def _create_source_pod(self, dv: Obj, target: Obj, src: Obj, address: str, *,
+                                 socket: str | None) -> None:
         tls = self._client_signer is not None and self._upload_tls is not None
-        objects = [pods.source_pod(dv, target, src, address, tls=tls)]
-        if self._client_signer is not None and self._upload_tls is not None:
+        objects = [pods.source_pod(dv, target, src, address, tls=tls, socket=socket)]
+        if tls and socket is None:
+            assert self._client_signer is not None and self._upload_tls is not None
             objects.insert(0, pods.source_secret(dv, target, src, self._client_signer,
                                                  self._upload_tls.signer.cert_pem))
         for obj in objects:

@@ -19,6 +19,9 @@ SOURCE_MOUNT = "/var/run/cdi/clone/source"
 CLONE_FOR = "cdi.kubevirt.io/clone-for"  # label: "<ns>.<name>" of the DataVolume
 CLONE_CERT_DAYS = 2  # a clone's client certificate outlives the clone only briefly
 CLIENT_TLS_DIR = "/etc/tls/clone"
+# The embedded pod runner publishes an upload server's Unix socket here (a path on
+# the one machine, private to the serving user); Kubernetes pods have no such thing.
+SOCKET_ANNOTATION = "embedded.cdi.kubevirt.io/upload-socket"
 
 
 def source_pod_name(dv: Obj) -> str:
@@ -67,13 +70,22 @@ def source_secret(dv: Obj, target: Obj, src: Obj, client_signer: pki.Signer,
                  "ca.crt": base64.b64encode(server_ca_pem).decode()}}
 
 
-def source_pod(dv: Obj, target: Obj, src: Obj, address: str, *, tls: bool) -> Obj:
-    """The clone source worker, sending SRC to the upload server at ADDRESS."""
+def source_pod(dv: Obj, target: Obj, src: Obj, address: str, *, tls: bool,
+               socket: str | None = None) -> Obj:
+    """The clone source worker, sending SRC to the upload server at ADDRESS.
+
+    With SOCKET (the embedded backend's upload servers also listen on a Unix
+    socket private to the serving user) the worker sends there, without TLS,
+    and needs no client certificate; ADDRESS stays in ``UPLOAD_URL``.
+    """
     name = source_pod_name(dv)
     env: list[dict[str, Any]] = [
         {"name": "UPLOAD_URL", "value": f"https://{address}/v1beta1/upload"},
         {"name": "OWNER_UID", "value": dv["metadata"]["uid"]},
     ]
+    if socket is not None:
+        env.append({"name": "UPLOAD_SOCKET", "value": socket})
+        tls = False
     volumes: list[Obj] = [{"name": "cdi-clone-source", "persistentVolumeClaim": {
         "claimName": src["metadata"]["name"], "readOnly": True}}]
     container: Obj = {"name": "cdi-clone-source", "image": "cdi-clone-source",
