@@ -237,7 +237,9 @@ def _validate_dataimportcron(obj: dict[str, Any], old: dict[str, Any] | None) ->
     spec = dic.spec
     template = spec.template.spec
     source = template.source
-    if source is None or (source.registry is None and source.pvc is None):
+    # http: polled by its validator (ETag/Last-Modified), beyond CDI (docs/dataimportcron.md).
+    if source is None or (source.registry is None and source.pvc is None
+                          and source.http is None):
         _reject(dic, [Cause("Missing source", "spec.Template")])
     if template.source_ref is not None or template.content_type or template.checkpoints or \
             template.final_checkpoint:

@@ -23,6 +23,7 @@ from cdi.backends.port import Obj, ObjectStore
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_CLASS = "storageclass.kubernetes.io/is-default-class"
 DEFAULT_VIRT_CLASS = "storageclass.kubevirt.io/is-default-virt-class"
+CRON_STORAGE_CLASS = "cdi.kubevirt.io/storage.import.storageClass"
 HIGH_RESTARTS = 3  # more than this many restarts is "high", as CDI's recording rules count
 # Worker pods by the recording rules' name patterns: (metric, how to tell the pod).
 WORKERS: tuple[tuple[str, Callable[[str], bool]], ...] = (
@@ -86,6 +87,14 @@ def _restarts(pods: Iterable[Obj], is_worker: Callable[[str], bool]) -> int:
     return count
 
 
+def _cron_pending(dic: Obj) -> str:
+    """CDI's ``pending`` label: the cron waits for a default storage class (none was
+    recorded for it yet, and its template names none)."""
+    template = ((dic.get("spec") or {}).get("template") or {}).get("spec") or {}
+    named = (template.get("storage") or template.get("pvc") or {}).get("storageClassName")
+    return str(not _ann(dic).get(CRON_STORAGE_CLASS) and not named).lower()
+
+
 async def families(store: ObjectStore) -> list[Metric]:
     crons = (await store.list("DataImportCron")).items
     volumes = (await store.list("DataVolume")).items
@@ -102,7 +111,7 @@ async def families(store: ObjectStore) -> list[Metric]:
     for dic in crons:
         meta = dic["metadata"]
         up_to_date = _condition(dic, "UpToDate").get("status") == "True"
-        outdated.add_metric([meta.get("namespace", ""), meta["name"], "false"],
+        outdated.add_metric([meta.get("namespace", ""), meta["name"], _cron_pending(dic)],
                             0 if up_to_date else 1)
     has_default = any(_ann(c).get(DEFAULT_CLASS) == "true" or
                       _ann(c).get(DEFAULT_VIRT_CLASS) == "true" for c in classes.values())

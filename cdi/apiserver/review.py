@@ -20,6 +20,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+from cdi.apiserver import admission, rbac
 from cdi.apiserver.auth import UserInfo
 from cdi.apiserver.rbac import Attributes, Decision, Policy
 from cdi.backends.port import ObjectStore
@@ -43,6 +44,17 @@ class PolicyReviewer:
         if attributes.user.is_admin:
             return Decision(True)
         return self.policy.authorize(attributes)
+
+
+@dataclasses.dataclass
+class LivePolicyReviewer:
+    """Answers from the RBAC objects in the store as they are now (``cdi serve``)."""
+
+    store: ObjectStore
+
+    async def review(self, attributes: Attributes,
+                     extra: Mapping[str, Sequence[str]] | None = None) -> Decision:
+        return await PolicyReviewer(await rbac.load(self.store)).review(attributes, extra)
 
 
 def access_review(attributes: Attributes,
@@ -103,3 +115,13 @@ def clone_questions(user: UserInfo, source_namespace: str, source_name: str
                           source_name)
     return [create("datavolumes", "source", "cdi.kubevirt.io"), create("pods"),
             create("pvcs")]
+
+
+async def clone_allowed(reviewer: AccessReviewer, user: str, groups: tuple[str, ...],
+                        source_namespace: str, source_name: str, target_namespace: str
+                        ) -> tuple[bool, str]:
+    """``admission.can_clone`` with REVIEWER's answers: (allowed, reason)."""
+    answers = await snapshot(reviewer, clone_questions(UserInfo(user, groups),
+                                                       source_namespace, source_name))
+    return admission.can_clone(answers, user, groups, source_namespace, source_name,
+                               target_namespace)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -26,7 +27,7 @@ from aiohttp import web
 
 from cdi.api import errors as api_errors
 from cdi.api import tokens, validation
-from cdi.apiserver import auth, rbac
+from cdi.apiserver import auth, rbac, review
 from cdi.apiserver.app import create_app
 from cdi.backends.embedded import certs, storage
 from cdi.backends.embedded.podrunner import PodRunner
@@ -104,7 +105,9 @@ async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | N
                              client_signer=upload_pki.client_signer)
     for controller in (datavolumes, clones, UploadClaimController(store, upload_tls=upload_tls),
                        StorageProfileController(store), cdiconfig,
-                       DataSourceController(store), DataImportCronController(store)):
+                       DataSourceController(store), DataImportCronController(
+                               store, authorize_clone=functools.partial(
+                                   review.clone_allowed, review.LivePolicyReviewer(store)))):
         runtime.add(controller)
 
     async def upload_token(obj: dict[str, Any]) -> dict[str, Any]:

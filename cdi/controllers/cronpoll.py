@@ -23,6 +23,8 @@ import hashlib
 import logging
 import re
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import requests
@@ -37,6 +39,7 @@ from importer.sources import http
 log = logging.getLogger(__name__)
 
 POLL_STALL_TIMEOUT = 30.0  # seconds without a byte from the registry before a poll fails
+CLIENT_IDLE = 600.0  # seconds a registry client unused by any poll is kept
 
 
 class PollError(Exception):
@@ -64,7 +67,7 @@ def registry_host(url: str) -> str:
         return ""
 
 
-def _decode(secret: Obj, key: str) -> str | None:
+def decode(secret: Obj, key: str) -> str | None:
     data = secret.get("data") or {}
     if key in data:
         try:
@@ -85,8 +88,8 @@ async def gather(store: ObjectStore, namespace: str, registry: Obj) -> PollTarge
             secret = await store.get("Secret", secret_name, namespace)
         except api_errors.NotFound as e:
             raise PollError(f'secret "{secret_name}" not found') from e
-        username, password = _decode(secret, "accessKeyId"), _decode(secret, "secretKey")
-        docker_config = _decode(secret, ".dockerconfigjson") or _decode(secret, ".dockercfg")
+        username, password = decode(secret, "accessKeyId"), decode(secret, "secretKey")
+        docker_config = decode(secret, ".dockerconfigjson") or decode(secret, ".dockercfg")
     ca_pems: tuple[str, ...] = ()
     cm_name = registry.get("certConfigMap")
     if cm_name:
@@ -95,23 +98,90 @@ async def gather(store: ObjectStore, namespace: str, registry: Obj) -> PollTarge
         except api_errors.NotFound as e:
             raise PollError(f'configmap "{cm_name}" not found') from e
         ca_pems = tuple(str(v) for _, v in sorted((cm.get("data") or {}).items()))
-    insecure = False
-    proxy = ("", "", "")
-    try:
-        config = await store.get("CDIConfig", "config")
-    except api_errors.NotFound:
-        config = {}
+    config = await _config(store)
     insecure = registry_host(url) in ((config.get("spec") or {}).get("insecureRegistries") or ())
+    return PollTarget(url, username, password, docker_config, ca_pems, insecure,
+                      proxy_of(config))
+
+
+async def _config(store: ObjectStore) -> Obj:
+    try:
+        return await store.get("CDIConfig", "config")
+    except api_errors.NotFound:
+        return {}
+
+
+def proxy_of(config: Obj) -> tuple[str, str, str]:
+    """CDIConfig ``status.importProxy`` as (http, https, no_proxy), as imports use it."""
     p = (config.get("status") or {}).get("importProxy") or {}
-    proxy = (str(p.get("HTTPProxy") or ""), str(p.get("HTTPSProxy") or ""),
-             str(p.get("noProxy") or ""))
-    return PollTarget(url, username, password, docker_config, ca_pems, insecure, proxy)
+    return (str(p.get("HTTPProxy") or ""), str(p.get("HTTPSProxy") or ""),
+            str(p.get("noProxy") or ""))
+
+
+async def import_proxy(store: ObjectStore) -> tuple[str, str, str]:
+    return proxy_of(await _config(store))
+
+
+class _Client:
+    """A registry client kept between polls of one target: its session (TLS context,
+    keep-alive connection), the scheme its ping found, its token, its CA directory."""
+
+    def __init__(self, ref: oci.Reference, target: PollTarget) -> None:
+        self.lock = threading.Lock()  # one request at a time on this client
+        self.used = time.monotonic()
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        cert_dir = None
+        if target.ca_pems:
+            self._tmp = tempfile.TemporaryDirectory(prefix="cdi-cronpoll-")
+            cert_dir = Path(self._tmp.name)
+            for i, pem in enumerate(target.ca_pems):
+                (cert_dir / f"ca-{i}.crt").write_text(pem)
+        settings = _settings(ref, target, cert_dir)
+        self.session = http.make_session(settings)
+        self.client = oci.Client(ref, settings=settings, session=self.session,
+                                 insecure=target.insecure)
+
+    def close(self) -> None:
+        self.session.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+_clients: dict[PollTarget, _Client] = {}
+_clients_lock = threading.Lock()
+
+
+def _client(ref: oci.Reference, target: PollTarget) -> tuple[_Client, bool]:
+    """The kept client of TARGET (same URL, credentials, CAs, proxy), and whether it is
+    new; idle ones are closed."""
+    now = time.monotonic()
+    with _clients_lock:
+        for key, idle in list(_clients.items()):
+            if now - idle.used > CLIENT_IDLE and not idle.lock.locked():
+                del _clients[key]
+                idle.close()
+        found = _clients.get(target)
+        fresh = found is None
+        if found is None:
+            found = _clients[target] = _Client(ref, target)
+        found.used = now
+        return found, fresh
+
+
+def _forget(target: PollTarget, client: _Client) -> None:
+    with _clients_lock:
+        if _clients.get(target) is client:
+            del _clients[target]
+    client.close()
 
 
 def poll_digest(target: PollTarget) -> str:
     """The digest the reference's tag names now (the index digest for multi-arch images).
 
-    Blocking; raises PollError with a reason fit for a log line or an event.
+    Blocking; raises PollError with a reason fit for a log line or an event.  Polls of
+    the same target share one client (one TLS context, a kept-alive connection, one
+    registry ping and token), so a steady poll costs one manifest request.  A kept
+    client whose poll failed is dropped and the poll tried once more with a new one.
     """
     try:
         ref = oci.parse_reference(target.url)
@@ -119,16 +189,18 @@ def poll_digest(target: PollTarget) -> str:
         raise PollError(str(e)) from e
     if ref.digest:
         return ref.digest  # pinned: nothing to poll
-    with tempfile.TemporaryDirectory(prefix="cdi-cronpoll-") as tmp:
-        cert_dir = None
-        if target.ca_pems:
-            cert_dir = Path(tmp)
-            for i, pem in enumerate(target.ca_pems):
-                (cert_dir / f"ca-{i}.crt").write_text(pem)
+    while True:
+        kept, fresh = _client(ref, target)
         try:
-            return _poll(ref, target, cert_dir)
-        except (oci.RegistryError, importer_errors.Error) as e:
-            raise PollError(str(e)) from e
+            with kept.lock:
+                return _poll(ref, kept.client)
+        except (oci.RegistryError, importer_errors.Error, PollError) as e:
+            _forget(target, kept)
+            if fresh and isinstance(e, PollError):
+                raise
+            if fresh:
+                raise PollError(str(e)) from e
+            # A kept client may hold a connection the registry closed: once more, afresh.
 
 
 def _settings(ref: oci.Reference, target: PollTarget, cert_dir: Path | None) -> Settings:
@@ -144,30 +216,24 @@ def _settings(ref: oci.Reference, target: PollTarget, cert_dir: Path | None) -> 
                     no_proxy=target.proxy[2] or None)
 
 
-def _poll(ref: oci.Reference, target: PollTarget, cert_dir: Path | None) -> str:
-    settings = _settings(ref, target, cert_dir)
-    session = http.make_session(settings)
+def _poll(ref: oci.Reference, client: oci.Client) -> str:
+    path = f"/v2/{ref.repository}/manifests/{ref.reference}"
+    where = f"{ref.registry}/{ref.repository}"
     try:
-        client = oci.Client(ref, settings=settings, session=session, insecure=target.insecure)
-        path = f"/v2/{ref.repository}/manifests/{ref.reference}"
-        where = f"{ref.registry}/{ref.repository}"
-        try:
-            r = client.request("HEAD", path, headers={"Accept": oci.ACCEPT})
-        except requests.RequestException as e:
-            raise PollError(f"reading manifest {ref.reference} in {where}: "
-                            f"{http.describe(e)}") from e
-        with r:
-            digest = r.headers.get("Docker-Content-Digest", "")
-            status = r.status_code
-        if status == 200 and re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
-            log.info("POLL image=%s digest=%s (HEAD)", ref, digest)
-            return digest
-        if status not in (200, 405):
-            # HEAD carries no error body; GET says why in the registry's words.
-            log.info("POLL image=%s HEAD status=%d, asking with GET", ref, status)
-        content, _ = client.get_manifest(ref.reference)
-        digest = "sha256:" + hashlib.sha256(content).hexdigest()
-        log.info("POLL image=%s digest=%s (GET)", ref, digest)
+        r = client.request("HEAD", path, headers={"Accept": oci.ACCEPT})
+    except requests.RequestException as e:
+        raise PollError(f"reading manifest {ref.reference} in {where}: "
+                        f"{http.describe(e)}") from e
+    with r:
+        digest = r.headers.get("Docker-Content-Digest", "")
+        status = r.status_code
+    if status == 200 and re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        log.debug("POLL image=%s digest=%s (HEAD)", ref, digest)
         return digest
-    finally:
-        session.close()
+    if status not in (200, 405):
+        # HEAD carries no error body; GET says why in the registry's words.
+        log.info("POLL image=%s HEAD status=%d, asking with GET", ref, status)
+    content, _ = client.get_manifest(ref.reference)
+    digest = "sha256:" + hashlib.sha256(content).hexdigest()
+    log.info("POLL image=%s digest=%s (GET)", ref, digest)
+    return digest

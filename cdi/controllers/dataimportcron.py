@@ -40,7 +40,7 @@ from typing import Any
 from cdi.api import cron
 from cdi.api import errors as api_errors
 from cdi.backends.port import Obj, ObjectStore
-from cdi.controllers import cronpoll, cronsource, events
+from cdi.controllers import cronhttp, cronpoll, cronpvc, cronquiet, cronsource, events
 from cdi.controllers.cronnames import (
     ANN_LAST_USE_TIME,
     digested_url,
@@ -100,7 +100,12 @@ def _registry(dic: Obj) -> Obj | None:
 
 
 def polled(dic: Obj) -> bool:
-    """Whether this controller polls the cron's source (a docker:// URL, pod pull)."""
+    """Whether this controller polls the cron's source (a docker:// URL, pod pull; or an
+    HTTP URL, see ``cronhttp``)."""
+    if cronhttp.polled(dic):
+        return True
+    if cronpvc.source(dic) is not None:
+        return bool((dic.get("spec") or {}).get("schedule"))
     reg = _registry(dic)
     return (reg is not None and str(reg.get("url") or "").startswith("docker://")
             and reg.get("pullMethod") != "node" and bool((dic.get("spec") or {}).get("schedule")))
@@ -115,18 +120,28 @@ class DataImportCronController:
 
     def __init__(self, store: ObjectStore, *,
                  clock: Callable[[], datetime.datetime] = utcnow,
-                 poller: Poller = cronpoll.poll_digest) -> None:
+                 poller: Poller = cronpoll.poll_digest,
+                 authorize_clone: cronpvc.CloneAuthorizer | None = None) -> None:
         self._store = store
         self._clock = clock
         self._poller = poller
+        self._authorize_clone = authorize_clone
         self._poll_errors: dict[Key, str] = {}  # the last failure reported, per cron
         # Per cron: its storage class and whether the template names it (for the mappers).
         self._classes: dict[Key, tuple[str, bool]] = {}
+        # Per cron: (newest import, DataSource source) when garbage was last collected.
+        self._collected: dict[Key, tuple[str, str]] = {}
+        # Crons in the steady state get a short pass (cronquiet); the event count per
+        # cron at the start of its running pass.
+        self._quiet = cronquiet.Quiet()
+        self._marks: dict[Key, int] = {}
 
     def watches(self) -> dict[str, Mapper]:
-        return {"DataVolume": _cron_of, "PersistentVolumeClaim": _cron_of,
-                "DataSource": _cron_of, "VolumeSnapshot": _cron_of,
-                "StorageClass": self._crons_of_class, "StorageProfile": self._crons_of_class}
+        mappers: dict[str, Mapper] = {
+            "DataVolume": _cron_of, "PersistentVolumeClaim": _cron_of,
+            "DataSource": _cron_of, "VolumeSnapshot": _cron_of,
+            "StorageClass": self._crons_of_class, "StorageProfile": self._crons_of_class}
+        return {kind: self._quiet.watching(m) for kind, m in mappers.items()}
 
     def _crons_of_class(self, obj: Obj) -> list[Key]:
         """Crons whose imports go to this class, or to whatever class is the default."""
@@ -138,12 +153,20 @@ class DataImportCronController:
 
     async def reconcile(self, key: Key) -> Result | None:
         ns, name = key
+        mark = self._marks[key] = self._quiet.mark(key)
         dic = await self._get("DataImportCron", name, ns)
         if dic is None or dic["metadata"].get("deletionTimestamp"):
             self._poll_errors.pop(key, None)
             self._classes.pop(key, None)
+            self._collected.pop(key, None)
+            self._quiet.forget(key)
+            self._marks.pop(key, None)
             await self.cleanup(ns, name)
             return None
+        if self._quiet.unchanged(key, dic):
+            return await self._quiet.steady_pass(self._store, dic, self._clock(),
+                                                 self._poll_if_due,
+                                                 lambda: key in self._poll_errors, mark)
         if not await self._should_reconcile(dic):
             return None
         return await self._update(dic)
@@ -246,8 +269,12 @@ class DataImportCronController:
                 await self._get("VolumeSnapshot", point_at.get("name", ""), ns)):
             point_at = None  # keep the last good source until the new snapshot is ready
         await self._update_data_source(dic, point_at, fmt)
-        if succeeded:  # after the DataSource moved: what it served before may go now
+        # After the DataSource moved: what it served before may go now.  Only when the
+        # newest import or the DataSource changed (a listing per pass costs O(imports)).
+        seen = (imports[0]["DataVolumeName"], repr(point_at)) if succeeded else None
+        if seen is not None and self._collected.get(key) != seen:
             await cronsource.collect_garbage(self._store, dic, LABEL_CRON)
+            self._collected[key] = seen
 
         result: Result | None = None
         if polled(new):
@@ -258,7 +285,13 @@ class DataImportCronController:
             set_condition(conditions, UP_TO_DATE, "False", REASON_OUTDATED, MSG_OUTDATED, stamp)
             if dv is not None and await self._delete_if_failed(dv):
                 imports = []
-            if succeeded or not imports:
+            allowed, why = await cronpvc.authorized(self._authorize_clone, new)
+            if not allowed:
+                log.info("[%s/%s] dataimportcron: %s: %s", ns, key[1],
+                         cronpvc.MSG_NOT_AUTHORIZED, why)
+                set_condition(conditions, PROGRESSING, "False", cronpvc.REASON_NOT_AUTHORIZED,
+                              cronpvc.MSG_NOT_AUTHORIZED, stamp)
+            elif succeeded or not imports:
                 created = await self._create_import(new, desired, now)
                 if created is not None:
                     imports = [{"DataVolumeName": created, "Digest": desired}]
@@ -274,8 +307,9 @@ class DataImportCronController:
             set_condition(conditions, UP_TO_DATE, "False", REASON_IN_PROGRESS, MSG_IN_PROGRESS,
                           stamp)
         else:
-            set_condition(conditions, UP_TO_DATE, "False", REASON_NO_DIGEST, MSG_NO_DIGEST,
-                          stamp)
+            set_condition(conditions, UP_TO_DATE, "False", REASON_NO_DIGEST,
+                          cronhttp.condition_message(new, MSG_NO_DIGEST,
+                                                     self._poll_errors.get(key)), stamp)
 
         if imports:
             status["currentImports"] = imports
@@ -284,7 +318,8 @@ class DataImportCronController:
         last_cron = ann.get(ANN_LAST_CRON_TIME)
         if last_cron and parse_time(last_cron) is not None:
             status["lastExecutionTimestamp"] = last_cron
-        await self._write(dic, new)
+        rv = await self._write(dic, new)
+        self._quiet.settle(key, new, rv, self._marks.get(key, -1), key in self._poll_errors)
         return result
 
     # -- schedule and poll ----------------------------------------------------------------
@@ -305,8 +340,13 @@ class DataImportCronController:
         # Due (or never run, or an unreadable annotation): poll now.
         registry = _registry(dic) or {}
         try:
-            target = await cronpoll.gather(self._store, ns, registry)
-            digest = await asyncio.to_thread(self._poller, target)
+            if cronhttp.source(dic) is not None:
+                digest = await cronhttp.poll_cron(self._store, dic, ann)
+            elif cronpvc.source(dic) is not None:
+                digest = await cronpvc.poll_digest(self._store, dic)
+            else:
+                target = await cronpoll.gather(self._store, ns, registry)
+                digest = await asyncio.to_thread(self._poller, target)
         except cronpoll.PollError as e:
             log.warning("[%s/%s] dataimportcron: poll failed: %s", ns, name, e)
             if self._poll_errors.get((ns, name)) != str(e):  # one event per new failure
@@ -351,6 +391,7 @@ class DataImportCronController:
         registry = (spec.get("source") or {}).get("registry")
         if isinstance(registry, dict) and registry.get("url"):
             registry["url"] = digested_url(str(registry["url"]), digest)
+        cronhttp.pin(spec, dic, digest)
         meta: Obj = template.get("metadata") or {}
         annotations = dict(meta.get("annotations") or {})
         annotations[ANN_IMMEDIATE_BIND] = "true"
@@ -463,7 +504,8 @@ class DataImportCronController:
 
     # -- helpers --------------------------------------------------------------------------
 
-    async def _write(self, old: Obj, new: Obj) -> None:
+    async def _write(self, old: Obj, new: Obj) -> str:
+        """Patch what changed; return the cron's resourceVersion after it."""
         patch: Obj = {}
         if new["metadata"].get("annotations") != (old["metadata"].get("annotations") or {}):
             patch["metadata"] = {"annotations": new["metadata"]["annotations"]}
@@ -473,10 +515,12 @@ class DataImportCronController:
                     old.get("status") or {}):
                 patch["status"] = dict(new["status"], currentImports=None)
         if not patch:
-            return
+            return str(old["metadata"]["resourceVersion"])
         patch.setdefault("metadata", {})["resourceVersion"] = old["metadata"]["resourceVersion"]
         meta = old["metadata"]
-        await self._store.patch("DataImportCron", meta["name"], meta["namespace"], patch)
+        written = await self._store.patch("DataImportCron", meta["name"], meta["namespace"],
+                                          patch)
+        return str(written["metadata"]["resourceVersion"])
 
     async def _get(self, kind: str, name: str, ns: str) -> Any:
         if not name:

@@ -44,6 +44,9 @@ CONNECT_TIMEOUT = 30.0
 USER_AGENT = "cdi-importer"
 SCRATCH_IMAGE = resumable.SCRATCH_IMAGE
 _READ_ERRORS = (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError)
+# Extra headers that pin the import to one version of the file (a DataImportCron's
+# import of the version it polled): a changed file answers 412.
+PIN_HEADERS = ("if-match", "if-unmodified-since")
 
 
 def open(settings: Settings, *, progress: Progress) -> HTTPSource:
@@ -139,6 +142,12 @@ def auth_for(settings: Settings, url: str) -> tuple[str, str] | None:
     return settings.basic_auth if same else None
 
 
+def pin_of(settings: Settings) -> str | None:
+    """The extra header pinning the import to a version of the file, if any."""
+    return next((f"{name}: {value}" for name, value in settings.extra_headers
+                 if name.lower() in PIN_HEADERS), None)
+
+
 def proxies_for(settings: Settings, url: str) -> dict[str, str]:
     """The proxies for URL: none when no_proxy matches it (requests only applies no_proxy
     itself when it reads the environment, and we read the environment once, in settings)."""
@@ -226,7 +235,7 @@ class Body:
             self._response, self._fp = r, self._body_of(r)
             return
         r.close()
-        if r.status_code == 200:
+        if r.status_code in (200, 412):  # 412: it no longer is the pinned version
             raise errors.RestartRequired(reason="the file changed on the server")
         log.warning("RESUME refused status=%d", r.status_code)
 
@@ -263,6 +272,11 @@ class HTTPSource(resumable.ResumableSource):
                                   timeout=(CONNECT_TIMEOUT, s.stall_timeout))
         except requests.RequestException as e:
             raise errors.SourceError(reason=f"GET {redact(s.endpoint)}: {describe(e)}") from e
+        if r.status_code == 412 and pin_of(s) is not None:
+            r.close()
+            raise errors.SourceError(
+                reason=f"{redact(s.endpoint)} is no longer the version this import is pinned "
+                       f"to ({pin_of(s)}): the server answered 412 Precondition Failed")
         if r.status_code != 200:
             r.close()
             raise errors.HTTPStatusError(status=r.status_code, status_text=r.reason or "")
@@ -325,12 +339,13 @@ class HTTPSource(resumable.ResumableSource):
         If-Match / If-Unmodified-Since: a changed file then fails instead of
         mixing two versions).  Its arguments are visible to local users, so a
         URL with a query (often a signed token) or secret headers stay on the
-        streaming path.
+        streaming path; a pin header (PIN_HEADERS) is no secret.
         """
         body = self._body
         if not body.validator:
             return False
-        if urllib.parse.urlsplit(body.url).query or self._settings.extra_headers:
+        if urllib.parse.urlsplit(body.url).query or any(
+                name.lower() not in PIN_HEADERS for name, _ in self._settings.extra_headers):
             return False
         return True
 
@@ -367,7 +382,8 @@ class HTTPSource(resumable.ResumableSource):
         self._body.close()
         self._nbdkit = nbdkit.Nbdkit(url, settings=self._settings, ca_bundle=self._ca_bundle,
                                      auth=auth_for(self._settings, url),
-                                     pin_header=self._validator_header())
+                                     pin_header=None if pin_of(self._settings)
+                                     else self._validator_header())
         self._convert_url = self._nbdkit.start()
         # Read (and so pin in nbdkit's cache) the metadata the Convert phase checks.
         self._nbdkit.pin()

@@ -281,3 +281,43 @@ def test_seed_cron_templates_apply(server: Server) -> None:
     assert p.returncode == 0, p.stderr
     assert sorted(line.split()[0] for line in p.stdout.splitlines()[1:]) == sorted(
         c["metadata"]["name"] for c in crons)
+
+
+def test_a_cron_clones_a_golden_claim_once_its_service_account_may(server: Server,
+                                                                    tmp_path: Path) -> None:
+    """A PVC-source cron: refused (NotAuthorized) until the seeds' 8.6 RBAC lets the cron's
+    service account clone from the source namespace; then imported and served."""
+    raw = _disk(tmp_path, 21)
+    p = server.cli("image-upload", "dv", "golden", "-n", "images", "--image-path", str(raw),
+                   "--size", "4Mi")
+    assert p.returncode == 0, p.stderr
+    cron = _cron("docker://unused")
+    cron["spec"]["template"]["spec"]["source"] = {"pvc": {"namespace": "images",
+                                                         "name": "golden"}}
+    assert server.create(cron).status_code == 201
+    cron = server.wait_for("dic", "golden-cron",
+                           lambda o: condition(o, "Progressing").get("reason") == "NotAuthorized")
+    assert condition(cron, "Progressing")["message"] == "Not authorized to create DataVolume"
+    uid = server.get("pvc", "golden", "images")["metadata"]["uid"]
+    assert cron["metadata"]["annotations"][DIGEST] == f"uid:{uid}"
+    assert _names(server, "dv") == []
+
+    rbac = ("apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\n"
+            "metadata: {name: datavolume-cloner}\n"
+            "rules:\n- apiGroups: [cdi.kubevirt.io]\n  resources: [datavolumes/source]\n"
+            "  verbs: ['*']\n---\n"
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\n"
+            "metadata: {name: allow-clone-to-cron, namespace: images}\n"
+            "subjects:\n- {kind: ServiceAccount, name: default, namespace: default}\n"
+            "roleRef: {kind: ClusterRole, name: datavolume-cloner, "
+            "apiGroup: rbac.authorization.k8s.io}\n")
+    p = server.cli("apply", "-f", "-", input=rbac)
+    assert p.returncode == 0, p.stderr
+    _poll_now(server)
+    name = "golden-" + uid[:12]
+    server.wait_for("das", "golden",
+                    lambda o: _source(o).get("pvc", {}).get("name") == name and
+                    condition(o, "Ready").get("status") == "True", timeout=90)
+    assert qemu_img.compare(str(raw), str(volume_of(server, name)))
+    assert server.get("dv", name)["spec"]["source"] == {
+        "pvc": {"namespace": "images", "name": "golden"}}

@@ -391,6 +391,8 @@ def template(**spec: Any) -> dict[str, Any]:
 
 CRON_ACCEPTED = {
     "registry": {},
+    "http source (polled by ETag/Last-Modified, beyond CDI)": {
+        "template": {"spec": {"source": HTTP, **STORAGE}}},
     "pvc source": {"template": {"spec": {"source": {"pvc": {"namespace": "a", "name": "b"}},
                                          "storage": {}}}},
     "no polling": {"schedule": ""},
@@ -408,7 +410,8 @@ def test_cron_accepted(spec: dict[str, Any]) -> None:
 
 
 CRON_REFUSED: dict[str, tuple[dict[str, Any], str]] = {
-    "http source": ({"template": {"spec": {"source": HTTP, **STORAGE}}}, "Missing source"),
+    "s3 source": ({"template": {"spec": {"source": {"s3": {"url": "https://s3.example/b/d"}},
+                                         **STORAGE}}}, "Missing source"),
     "no source": ({"template": {"spec": STORAGE}}, "Missing source"),
     "sourceRef": ({"template": template(sourceRef={"kind": "DataSource", "name": "x"})},
                   "Unsettable fields: SourceRef, ContentType, Checkpoints, FinalCheckpoint"),
