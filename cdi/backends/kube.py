@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
 PAGE_SIZE = 500
+CLOSE_GRACE = 0.1  # seconds for TLS connections to finish closing
 WATCH_TIMEOUT = 300  # seconds the server keeps one watch request open
 MAX_LINE = 16 * 1024 * 1024  # an object is at most ~1.5 MiB in etcd
 _ERRORS: dict[int, type[errors.APIError]] = {
@@ -148,6 +149,10 @@ class KubeStore:
             response.close()
         if session is not None:
             await session.close()
+            # TLS connections finish closing on the next turns of the loop; give them
+            # those turns (aiohttp's advice for a graceful shutdown), or a loop that
+            # ends right after finds their sockets still open.
+            await asyncio.sleep(CLOSE_GRACE)
 
     async def __aenter__(self) -> KubeStore:
         await self.open()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -35,6 +36,7 @@ import prometheus_client
 from aiohttp import web
 
 from cdi.api import errors, pki
+from cdi.apiserver import review
 from cdi.backends import kube_config
 from cdi.backends.kube import KubeStore
 from cdi.backends.kube_lease import LeaderElector, LostLeadership
@@ -52,6 +54,10 @@ log = logging.getLogger("cdi.controller")
 LEASE_NAME = "cdi-controller-leader-election-helper"
 SERVER_SIGNER = "cdi-uploadserver-signer"
 CLIENT_SIGNER = "cdi-uploadserver-client-signer"
+PROXY_SIGNER = "cdi-uploadproxy-signer"
+SERVER_SIGNER_BUNDLE = "cdi-uploadserver-signer-bundle"
+CLIENT_CERT = "cdi-uploadserver-client-cert"
+PROXY_CERT = "cdi-uploadproxy-server-cert"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +106,53 @@ async def signer(store: ObjectStore, namespace: str, name: str, workdir: Path) -
     raise RuntimeError(f"Secret {namespace}/{name} keeps changing")
 
 
+async def publish_upload_pki(store: ObjectStore, namespace: str, server_signer: pki.Signer,
+                             client_signer: pki.Signer, workdir: Path) -> str:
+    """What the upload proxy needs of the upload servers' PKI, made if missing; the CA of
+    the proxy's serving certificate ("" when cert-manager makes it).
+
+    The ConfigMap ``cdi-uploadserver-signer-bundle`` (``ca-bundle.crt``: the CA that
+    signs upload servers, which the proxy verifies them against); unless cert-manager
+    makes them (``CDI_CERTIFICATES=cert-manager``), the proxy's client certificate
+    ``cdi-uploadserver-client-cert`` (from the client signer) and its serving
+    certificate ``cdi-uploadproxy-server-cert`` (from ``cdi-uploadproxy-signer``).
+    """
+    labels = {"app": "containerized-data-importer"}
+    data = {"ca-bundle.crt": server_signer.cert_pem.decode()}
+    try:
+        await store.create({"apiVersion": "v1", "kind": "ConfigMap",
+                            "metadata": {"name": SERVER_SIGNER_BUNDLE, "namespace": namespace,
+                                         "labels": labels},
+                            "data": data})
+    except errors.AlreadyExists:
+        current = await store.get("ConfigMap", SERVER_SIGNER_BUNDLE, namespace)
+        if current.get("data") != data:
+            current["data"] = data
+            await store.replace(current)
+    if os.environ.get("CDI_CERTIFICATES", "generate") == "cert-manager":
+        return ""
+    proxy_signer = await signer(store, namespace, PROXY_SIGNER, workdir)
+    svc = "cdi-uploadproxy"
+    wanted = (
+        (CLIENT_CERT, client_signer.issue(pki.UPLOAD_CLIENT_NAME, client=True)),
+        (PROXY_CERT, proxy_signer.issue(svc, hosts=(
+            svc, f"{svc}.{namespace}", f"{svc}.{namespace}.svc",
+            f"{svc}.{namespace}.svc.cluster.local"))),
+    )
+    for name, issued in wanted:
+        try:
+            await store.create({
+                "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                "metadata": {"name": name, "namespace": namespace, "labels": labels},
+                "data": {"tls.crt": base64.b64encode(issued.cert_pem).decode(),
+                         "tls.key": base64.b64encode(issued.key_pem).decode(),
+                         "ca.crt": base64.b64encode(issued.ca_pem).decode()}})
+            log.info("created Secret %s/%s", namespace, name)
+        except errors.AlreadyExists:
+            pass  # made before (by us, another replica, or cert-manager)
+    return proxy_signer.cert_pem.decode()
+
+
 async def run(options: Options, stop: asyncio.Event) -> None:
     """Run the controllers as long as we lead, until ``stop`` is set."""
     config = kube_config.load(options.kubeconfig, options.context)
@@ -142,15 +195,21 @@ async def _reconcile(store: KubeStore, namespace: str, options: Options,
         server_signer = await signer(store, namespace, SERVER_SIGNER, Path(tmp))
         client_signer = await signer(store, namespace, CLIENT_SIGNER, Path(tmp))
         upload_tls = UploadTLS(signer=server_signer, client_ca_pem=client_signer.cert_pem)
-        cdiconfig = CDIConfigController(store, upload_proxy_url=options.upload_proxy_url)
+        proxy_ca = await publish_upload_pki(store, namespace, server_signer, client_signer,
+                                            Path(tmp))
+        cdiconfig = CDIConfigController(store, upload_proxy_url=options.upload_proxy_url,
+                                        upload_proxy_ca=proxy_ca)
         await cdiconfig.ensure()
         datavolumes = DataVolumeController(store, upload_tls=upload_tls)
-        clones = CloneController(store, upload_tls=upload_tls, client_signer=client_signer)
+        clones = CloneController(store, upload_tls=upload_tls, client_signer=client_signer,
+                                 service_addresses=True)
         runtime = Runtime(store, max_parallel=options.max_parallel)
         for controller in (datavolumes, clones,
                            UploadClaimController(store, upload_tls=upload_tls),
                            StorageProfileController(store), cdiconfig,
-                           DataSourceController(store), DataImportCronController(store)):
+                           DataSourceController(store), DataImportCronController(
+                               store, authorize_clone=functools.partial(
+                                   review.clone_allowed, review.StoreReviewer(store)))):
             runtime.add(controller)
         await runtime.start()
         try:

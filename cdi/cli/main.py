@@ -21,6 +21,7 @@ COMMANDS = {
     "serve": "cdi.cli.serve:serve_command",
     "controller": "cdi.cli.controller:controller",
     "apiserver": "cdi.cli.apiserver:apiserver",
+    "uploadproxy": "cdi.cli.uploadproxy:uploadproxy",
     "demo": "cdi.cli.demo:demo",
     "apply": "cdi.cli.apply:apply",
     "create": "cdi.cli.apply:create",

@@ -431,10 +431,11 @@ class DataVolumeController:
                 secret = importpod.upload_tls_secret(pvc, self._upload_tls.signer,
                                                      self._upload_tls.client_ca_pem)
                 tls_secret = secret["metadata"]["name"]
-                try:
-                    await self._store.create(secret)
-                except api_errors.AlreadyExists:
-                    pass
+                for obj in (secret, importpod.upload_service(pvc)):
+                    try:
+                        await self._store.create(obj)
+                    except api_errors.AlreadyExists:
+                        pass
             pod = importpod.upload_pod_spec(dv, pvc, block=block, overhead=overhead,
                                             preallocation=preallocation, resources=resources,
                                             tls_secret=tls_secret)

@@ -47,6 +47,7 @@ CONTROLLER_ANNOTATIONS = frozenset({
 
 
 WORKER_UID = 107  # the qemu user of CDI's images
+UPLOAD_TARGET_LABEL = "cdi.kubevirt.io/uploadTarget"  # on an upload pod: its claim's UID
 
 
 def passed_annotations(dv: Obj) -> dict[str, str]:
@@ -80,6 +81,25 @@ def upload_tls_secret(pvc: Obj, signer: pki.Signer, client_ca_pem: bytes) -> Obj
         "data": {"tls.crt": base64.b64encode(issued.cert_pem).decode(),
                  "tls.key": base64.b64encode(issued.key_pem).decode(),
                  "ca.crt": base64.b64encode(client_ca_pem).decode()},
+    }
+
+
+def upload_service(pvc: Obj) -> Obj:
+    """The Service in front of a claim's upload server (named as its pod, as in CDI): the
+    upload proxy reaches ``https://cdi-upload-<claim>.<ns>.svc`` on a cluster.  Owned by
+    the claim, so it goes with it.  ``cdi serve`` keeps it but does not use it."""
+    meta = pvc["metadata"]
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": upload_pod_name(meta["name"]), "namespace": meta["namespace"],
+                     "labels": {"app": "containerized-data-importer",
+                                "cdi.kubevirt.io": "cdi-upload-server"},
+                     "ownerReferences": [{"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                                          "name": meta["name"], "uid": meta["uid"],
+                                          "controller": True, "blockOwnerDeletion": True}]},
+        "spec": {"selector": {UPLOAD_TARGET_LABEL: meta["uid"]},
+                 "ports": [{"name": "uploadserver", "port": 443, "targetPort": 8443,
+                            "protocol": "TCP"}]},
     }
 
 
@@ -205,7 +225,7 @@ def upload_pod_spec(dv: Obj, pvc: Obj, *, block: bool, overhead: float, prealloc
     # (the server listens only once it can take an upload).
     container["readinessProbe"] = {
         "tcpSocket": {"port": 8443}, "initialDelaySeconds": 1, "periodSeconds": 5}
-    pod["metadata"]["labels"]["cdi.kubevirt.io/uploadTarget"] = pvc["metadata"]["uid"]
+    pod["metadata"]["labels"][UPLOAD_TARGET_LABEL] = pvc["metadata"]["uid"]
     return pod
 
 
@@ -261,9 +281,8 @@ def _worker_pod(dv: Obj, pvc: Obj, *, name: str, command: str, env: list[dict[st
         container.setdefault("volumeMounts", []).append(
             {"name": "cdi-cert-vol", "mountPath": "/certs"})
         env.append({"name": "IMPORTER_CERT_DIR", "value": "/certs"})
-    dv_annotations = dv["metadata"].get("annotations", {})
-    annotations = {"sidecar.istio.io/inject": "false", "linkerd.io/inject": "disabled"}
-    annotations.update({k: v for k, v in dv_annotations.items() if k in POD_ANNOTATIONS})
+    annotations = {"sidecar.istio.io/inject": "false", "linkerd.io/inject": "disabled",
+                   **network_annotations(dv)}
     spec: Obj = {"restartPolicy": "OnFailure", "containers": [container], "volumes": volumes}
     harden(spec, dv)
     return {
@@ -279,6 +298,12 @@ def _worker_pod(dv: Obj, pvc: Obj, *, name: str, command: str, env: list[dict[st
         },
         "spec": spec,
     }
+
+
+def network_annotations(dv: Obj) -> dict[str, str]:
+    """The DataVolume's annotations a worker pod inherits (networks, as CDI passes them)."""
+    dv_annotations = dv["metadata"].get("annotations") or {}
+    return {k: v for k, v in dv_annotations.items() if k in POD_ANNOTATIONS}
 
 
 def harden(spec: Obj, dv: Obj) -> None:

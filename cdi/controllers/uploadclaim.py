@@ -85,10 +85,11 @@ class UploadClaimController:
             secret = importpod.upload_tls_secret(pvc, self._upload_tls.signer,
                                                  self._upload_tls.client_ca_pem)
             tls_secret = secret["metadata"]["name"]
-            try:
-                await self._store.create(secret)
-            except api_errors.AlreadyExists:
-                pass
+            for obj in (secret, importpod.upload_service(pvc)):
+                try:
+                    await self._store.create(obj)
+                except api_errors.AlreadyExists:
+                    pass
         # With no DataVolume, the claim stands in for it (OWNER_UID is the claim's, as in CDI).
         pod = importpod.upload_pod_spec(
             pvc, pvc, block=block, overhead=overhead,

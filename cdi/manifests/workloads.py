@@ -59,12 +59,14 @@ def image(values: Obj) -> str:
 
 def deployments(values: Obj, namespace: str) -> list[Obj]:
     cert_manager = bool(values["certificates"]["certManager"]["enabled"])
+    certs = "cert-manager" if cert_manager else "generate"
     controller_env = [
         {"name": "IMPORTER_IMAGE", "value": image(values)},
         {"name": "UPLOADSERVER_IMAGE", "value": image(values)},
         {"name": "CLONER_IMAGE", "value": image(values)},
         {"name": "PULL_POLICY", "value": values["image"]["pullPolicy"]},
         {"name": "UPLOADPROXY_SERVICE", "value": UPLOADPROXY},
+        {"name": "CDI_CERTIFICATES", "value": certs},
     ]
     apiserver_volumes = [(f"{APISERVER}{SERVER_CERT_SUFFIX}", "/var/run/certs/server")] \
         if cert_manager else []
@@ -72,7 +74,6 @@ def deployments(values: Obj, namespace: str) -> list[Obj]:
                      (UPLOADSERVER_CLIENT_CERT, "/var/run/certs/client")]
     proxy_env = [{"name": "APISERVER_PUBLIC_KEY", "valueFrom": {"secretKeyRef": {
         "name": SIGNING_KEY_SECRET, "key": "id_rsa.pub"}}}]
-    certs = "cert-manager" if cert_manager else "generate"
     return [
         deployment(values, namespace, CONTROLLER, rbac.CONTROLLER_SA, "controller",
                    env=controller_env, metrics=True),

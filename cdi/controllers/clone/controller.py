@@ -88,9 +88,13 @@ class CloneController(DataVolumeController):
     kind = "DataVolume"
 
     def __init__(self, store: ObjectStore, *, upload_tls: UploadTLS | None = None,
-                 client_signer: pki.Signer | None = None) -> None:
+                 client_signer: pki.Signer | None = None,
+                 service_addresses: bool = False) -> None:
         super().__init__(store, upload_tls=upload_tls)
         self._client_signer = client_signer
+        # On a cluster the target's upload server is reached through its Service (the
+        # embedded pod runner publishes a loopback address in an annotation instead).
+        self._service_addresses = service_addresses
         self._waiting_on: dict[Key, set[Key]] = {}  # DataSource -> DataVolumes naming it
 
     def watches(self) -> dict[str, Mapper]:
@@ -494,6 +498,8 @@ class CloneController(DataVolumeController):
             return Result(requeue_after=0.01)
         address = upload["metadata"].get("annotations", {}).get(
             "embedded.cdi.kubevirt.io/upload-address")
+        if not address and self._service_addresses:
+            address = f"{importpod.upload_pod_name(name)}.{ns}.svc:443"
         ready = {c.get("type"): c for c in status.get("conditions", [])}.get("Ready", {})
         if not address or ready.get("status") != "True":
             return Result(requeue_after=0.2)
@@ -542,10 +548,11 @@ class CloneController(DataVolumeController):
             secret = importpod.upload_tls_secret(target, self._upload_tls.signer,
                                                  self._upload_tls.client_ca_pem)
             tls_secret = secret["metadata"]["name"]
-            try:
-                await self._store.create(secret)
-            except api_errors.AlreadyExists:
-                pass
+            for obj in (secret, importpod.upload_service(target)):
+                try:
+                    await self._store.create(obj)
+                except api_errors.AlreadyExists:
+                    pass
         pod = importpod.upload_pod_spec(
             dv, target, block=block, overhead=overhead,
             preallocation=bool(dv["spec"].get("preallocation",
@@ -565,7 +572,10 @@ class CloneController(DataVolumeController):
     async def _create_source_pod(self, dv: Obj, target: Obj, src: Obj, address: str, *,
                                  socket: str | None) -> None:
         tls = self._client_signer is not None and self._upload_tls is not None
-        objects = [pods.source_pod(dv, target, src, address, tls=tls, socket=socket)]
+        resources = ((await self._config()).get("status") or {}).get(
+            "defaultPodResourceRequirements", {})
+        objects = [pods.source_pod(dv, target, src, address, tls=tls, socket=socket,
+                                   resources=resources)]
         if tls and socket is None:
             assert self._client_signer is not None and self._upload_tls is not None
             objects.insert(0, pods.source_secret(dv, target, src, self._client_signer,

@@ -14,6 +14,7 @@ from typing import Any
 
 from cdi.api import pki
 from cdi.backends.port import Obj
+from cdi.controllers import importpod
 
 SOURCE_MOUNT = "/var/run/cdi/clone/source"
 CLONE_FOR = "cdi.kubevirt.io/clone-for"  # label: "<ns>.<name>" of the DataVolume
@@ -71,7 +72,7 @@ def source_secret(dv: Obj, target: Obj, src: Obj, client_signer: pki.Signer,
 
 
 def source_pod(dv: Obj, target: Obj, src: Obj, address: str, *, tls: bool,
-               socket: str | None = None) -> Obj:
+               socket: str | None = None, resources: Obj | None = None) -> Obj:
     """The clone source worker, sending SRC to the upload server at ADDRESS.
 
     With SOCKET (the embedded backend's upload servers also listen on a Unix
@@ -91,7 +92,8 @@ def source_pod(dv: Obj, target: Obj, src: Obj, address: str, *, tls: bool,
     container: Obj = {"name": "cdi-clone-source", "image": "cdi-clone-source",
                       "command": ["cdi-clone-source"], "env": env,
                       "ports": [{"name": "metrics", "containerPort": 8443}],
-                      "terminationMessagePolicy": "FallbackToLogsOnError"}
+                      "terminationMessagePolicy": "FallbackToLogsOnError",
+                      "resources": dict(resources or {})}
     if src["spec"].get("volumeMode") == "Block":
         container["volumeDevices"] = [{"name": "cdi-clone-source",
                                        "devicePath": "/dev/cdi-block-volume"}]
@@ -105,11 +107,17 @@ def source_pod(dv: Obj, target: Obj, src: Obj, address: str, *, tls: bool,
         env += [{"name": "CLIENT_CERT_FILE", "value": f"{CLIENT_TLS_DIR}/tls.crt"},
                 {"name": "CLIENT_KEY_FILE", "value": f"{CLIENT_TLS_DIR}/tls.key"},
                 {"name": "SERVER_CA_FILE", "value": f"{CLIENT_TLS_DIR}/ca.crt"}]
+    spec: Obj = {"restartPolicy": "OnFailure", "containers": [container], "volumes": volumes}
+    importpod.harden(spec, dv)
+    annotations = {"sidecar.istio.io/inject": "false", "linkerd.io/inject": "disabled",
+                   **importpod.network_annotations(dv)}
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": src["metadata"]["namespace"],
                      "labels": {"app": "containerized-data-importer",
                                 "cdi.kubevirt.io": "cdi-clone-source",
-                                CLONE_FOR: clone_for(target)}},
-        "spec": {"restartPolicy": "OnFailure", "containers": [container], "volumes": volumes},
+                                "prometheus.cdi.kubevirt.io": "true",
+                                CLONE_FOR: clone_for(target)},
+                     "annotations": annotations},
+        "spec": spec,
     }

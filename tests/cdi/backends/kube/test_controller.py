@@ -139,6 +139,13 @@ def test_a_datavolume_gets_its_claim_and_importer_pod(fake: FakeKube, tmp_path: 
         upload_pod = await eventually(lambda: fake.get("Pod", "cdi-upload-up", "vms"))
         assert upload_pod["spec"]["containers"][0]["command"] == ["cdi-uploadserver"]
         secret = await eventually(lambda: fake.get("Secret", "cdi-upload-up", "vms"))
+        # ...and the Service the upload proxy reaches it through.
+        service = await eventually(lambda: fake.get("Service", "cdi-upload-up", "vms"))
+        claim_uid = (fake.get("PersistentVolumeClaim", "up", "vms") or {})["metadata"]["uid"]
+        assert service["spec"]["selector"] == {"cdi.kubevirt.io/uploadTarget": claim_uid}
+        assert upload_pod["metadata"]["labels"]["cdi.kubevirt.io/uploadTarget"] == claim_uid
+        assert service["spec"]["ports"] == [{"name": "uploadserver", "port": 443,
+                                             "targetPort": 8443, "protocol": "TCP"}]
         signer = fake.get("Secret", controller.SERVER_SIGNER, "cdi")
         assert signer is not None
         served = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))

@@ -64,7 +64,7 @@ def upload(block: bool, *, clone_target: bool = False) -> Obj:
 def clone_source(block: bool) -> Obj:
     source = dv({"pvc": {"name": "golden", "namespace": "images"}})
     return clone_pods.source_pod(source, pvc(False), pvc(block, "golden", "images"),
-                                 "cdi-upload-disk.ns.svc:8443", tls=True)
+                                 "cdi-upload-disk.ns.svc:443", tls=True, resources=RESOURCES)
 
 
 # (id, builder, block, component, scratch)
@@ -137,16 +137,12 @@ def test_names_labels_and_restart_policy(build: Any, block: bool, component: str
         {k: p[k] for k in ("name", "containerPort")} for p in c["ports"]]
 
 
-@pytest.mark.parametrize(("build", "block", "component", "scratch"), params({
-    CLONE_SOURCE: "the clone source pod has no prometheus.cdi.kubevirt.io label, so its "
-                  "kubevirt_cdi_clone_progress_total is not scraped on a cluster"}))
+@pytest.mark.parametrize(("build", "block", "component", "scratch"), params())
 def test_metrics_label(build: Any, block: bool, component: str, scratch: bool) -> None:
     assert build()["metadata"]["labels"]["prometheus.cdi.kubevirt.io"] == "true"
 
 
-@pytest.mark.parametrize(("build", "block", "component", "scratch"), params({
-    CLONE_SOURCE: "the clone source pod has no sidecar.istio.io/inject / linkerd.io/inject "
-                  "annotations, nor the DataVolume's network annotations"}))
+@pytest.mark.parametrize(("build", "block", "component", "scratch"), params())
 def test_sidecar_and_network_annotations(build: Any, block: bool, component: str,
                                          scratch: bool) -> None:
     annotations = build()["metadata"]["annotations"]
@@ -176,18 +172,13 @@ def test_volume_layout(build: Any, block: bool, component: str, scratch: bool) -
     assert found.get("/scratch") == ("pvc:disk-scratch" if scratch else None)
 
 
-@pytest.mark.parametrize(("build", "block", "component", "scratch"), params({
-    CLONE_SOURCE: "the clone source pod gets no resources from CDIConfig "
-                  "defaultPodResourceRequirements"}))
+@pytest.mark.parametrize(("build", "block", "component", "scratch"), params())
 def test_resources_from_cdiconfig(build: Any, block: bool, component: str,
                                   scratch: bool) -> None:
     assert container(build())["resources"] == RESOURCES
 
 
-@pytest.mark.parametrize(("build", "block", "component", "scratch"), params({
-    CLONE_SOURCE: "the clone source pod has no restricted security context (runAsNonRoot, "
-                  "runAsUser/fsGroup 107, seccomp RuntimeDefault, no privilege escalation, "
-                  "capabilities drop ALL)"}))
+@pytest.mark.parametrize(("build", "block", "component", "scratch"), params())
 def test_restricted_security_context(build: Any, block: bool, component: str,
                                      scratch: bool) -> None:
     pod = build()
@@ -201,9 +192,7 @@ def test_restricted_security_context(build: Any, block: bool, component: str,
     assert sc.get("capabilities") == {"drop": ["ALL"]}
 
 
-@pytest.mark.parametrize(("build", "block", "component", "scratch"), params({
-    CLONE_SOURCE: "the DataVolume's spec.priorityClassName is not passed to the clone "
-                  "source pod"}))
+@pytest.mark.parametrize(("build", "block", "component", "scratch"), params())
 def test_priority_class(build: Any, block: bool, component: str, scratch: bool) -> None:
     assert build()["spec"].get("priorityClassName") == "vm-disks"
 
@@ -264,7 +253,7 @@ def test_worker_pods_are_owned_by_their_claim(block: bool) -> None:
 def test_clone_source_environment() -> None:
     pod = clone_source(False)
     e = env(pod)
-    assert e["UPLOAD_URL"] == "https://cdi-upload-disk.ns.svc:8443/v1beta1/upload"
+    assert e["UPLOAD_URL"] == "https://cdi-upload-disk.ns.svc:443/v1beta1/upload"
     assert e["OWNER_UID"] == "dv-uid"
     assert pod["metadata"]["namespace"] == "images"  # next to its source
     assert mounts(pod)[clone_pods.CLIENT_TLS_DIR] == "secret:dv-uid-source-pod"
