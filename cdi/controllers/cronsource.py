@@ -25,8 +25,10 @@ reconcile, as functions over the object store:
 
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from cdi.api import errors as api_errors
@@ -305,3 +307,39 @@ async def collect_garbage(store: ObjectStore, cron: Obj, cron_label: str) -> Non
                 await store.delete("VolumeSnapshot", victim, ns)
             except api_errors.NotFound:
                 pass
+
+
+async def update_data_source(store: ObjectStore, cron: Obj, last_imported: Any, fmt: str,
+                             labels: Callable[[Obj, dict[str, str] | None], dict[str, str]],
+                             cron_label: str) -> None:
+    """Create the managed DataSource, or point ours at LAST_IMPORTED as FMT (pvc/snapshot).
+
+    A DataSource of that name labelled for no cron or another one is left alone
+    (CDI's ErrNotManagedByCron).
+    """
+    ns, name = cron["metadata"]["namespace"], cron["metadata"]["name"]
+    ds_name = cron["spec"].get("managedDataSource") or ""
+    if not ds_name:
+        return
+    source = {fmt: dict(last_imported)} if isinstance(last_imported, dict) else None
+    ds = await get(store, "DataSource", ds_name, ns)
+    if ds is None:
+        try:
+            await store.create({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataSource",
+                                "metadata": {"name": ds_name, "namespace": ns,
+                                             "labels": labels(cron, None)},
+                                "spec": {"source": source or {}}})
+            log.info("[%s/%s] dataimportcron: created DataSource %s", ns, name, ds_name)
+        except api_errors.AlreadyExists:
+            pass
+        return
+    if (ds["metadata"].get("labels") or {}).get(cron_label) != name:
+        return
+    updated = copy.deepcopy(ds)
+    updated["metadata"]["labels"] = labels(cron, ds["metadata"].get("labels"))
+    if source is not None:
+        updated.setdefault("spec", {})["source"] = source
+    if updated != ds:
+        await store.replace(updated)
+        log.info("[%s/%s] dataimportcron: DataSource %s -> %s", ns, name, ds_name,
+                 last_imported.get("name") if isinstance(last_imported, dict) else None)

@@ -268,7 +268,8 @@ class DataImportCronController:
         if fmt == cronsource.SNAPSHOT and isinstance(point_at, dict) and not cronsource.ready(
                 await self._get("VolumeSnapshot", point_at.get("name", ""), ns)):
             point_at = None  # keep the last good source until the new snapshot is ready
-        await self._update_data_source(dic, point_at, fmt)
+        await cronsource.update_data_source(self._store, dic, point_at, fmt,
+                                            self._labels, LABEL_CRON)
         # After the DataSource moved: what it served before may go now.  Only when the
         # newest import or the DataSource changed (a listing per pass costs O(imports)).
         seen = (imports[0]["DataVolumeName"], repr(point_at)) if succeeded else None
@@ -453,40 +454,6 @@ class DataImportCronController:
             await self._store.delete(kind, name, ns)
         except api_errors.NotFound:
             pass
-
-    # -- the managed DataSource -----------------------------------------------------------
-
-    async def _update_data_source(self, dic: Obj, last_imported: Any, fmt: str) -> None:
-        ns = dic["metadata"]["namespace"]
-        ds_name = dic["spec"].get("managedDataSource") or ""
-        if not ds_name:
-            return
-        ds = await self._get("DataSource", ds_name, ns)
-        if ds is None:
-            ds = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataSource",
-                  "metadata": {"name": ds_name, "namespace": ns, "labels": self._labels(dic)},
-                  "spec": {"source": {}}}
-            if isinstance(last_imported, dict):
-                ds["spec"]["source"] = {fmt: dict(last_imported)}
-            try:
-                await self._store.create(ds)
-                log.info("[%s/%s] dataimportcron: created DataSource %s", ns,
-                         dic["metadata"]["name"], ds_name)
-            except api_errors.AlreadyExists:
-                pass
-            return
-        if (ds["metadata"].get("labels") or {}).get(LABEL_CRON) != dic["metadata"]["name"]:
-            return  # not ours (CDI: ErrNotManagedByCron): left alone
-        updated = copy.deepcopy(ds)
-        updated["metadata"]["labels"] = self._labels(dic, ds["metadata"].get("labels"))
-        if isinstance(last_imported, dict):
-            updated.setdefault("spec", {})["source"] = {fmt: dict(last_imported)}
-        if updated != ds:
-            await self._store.replace(updated)
-            log.info("[%s/%s] dataimportcron: DataSource %s -> %s", ns,
-                     dic["metadata"]["name"], ds_name,
-                     (last_imported or {}).get("name") if isinstance(last_imported, dict)
-                     else None)
 
     # -- deletion -------------------------------------------------------------------------
 
