@@ -17,6 +17,8 @@ import requests
 import yaml
 
 from cdi.api.kinds import lookup
+from tests.support import xfs
+from tests.support.registry import Registry
 
 
 class Server:
@@ -124,3 +126,25 @@ def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any]:
         if c["type"] == ctype:
             return dict(c)
     return {}
+
+
+@pytest.fixture
+def reflink_server(tmp_path: Path) -> Iterator[Server]:
+    """`cdi serve` with the local-reflink class on an XFS loop mount made for the test."""
+    with xfs.xfs(tmp_path / "fs") as mnt:
+        s = Server(tmp_path / "serve", "--reflink-root", str(mnt)).start()
+        try:
+            yield s
+        finally:
+            s.session.close()
+            s.stop()
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    """Debian's docker-registry on 127.0.0.1, plain HTTP."""
+    reg = Registry(tmp_path / "registry").start()
+    try:
+        yield reg
+    finally:
+        reg.stop()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +14,10 @@ import pytest
 from importer import qemu_img
 from tests.e2e.conftest import Server, condition, phase
 from tests.e2e.test_datavolume import volume_of
-from tests.support import images, xfs
+from tests.support import images
 
 MiB = 1 << 20
 A = "cdi.kubevirt.io/"
-
-
-@pytest.fixture
-def reflink_server(tmp_path: Path) -> Iterator[Server]:
-    with xfs.xfs(tmp_path / "fs") as mnt:
-        s = Server(tmp_path / "serve", "--reflink-root", str(mnt)).start()
-        try:
-            yield s
-        finally:
-            s.session.close()
-            s.stop()
 
 
 def _source(server: Server, tmp_path: Path, name: str, *, cls: str, mode: str = "Filesystem",

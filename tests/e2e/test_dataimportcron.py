@@ -11,11 +11,8 @@ neither polls again before the next run nor loses it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from importer import containerdisk, qemu_img
 from tests.e2e.conftest import Server, condition, phase
@@ -26,15 +23,6 @@ from tests.support.registry import Registry
 MiB = 1 << 20
 NEXT = "cdi.kubevirt.io/storage.import.nextCronTime"
 DIGEST = "cdi.kubevirt.io/storage.import.sourceDesiredDigest"
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    reg = Registry(tmp_path / "registry").start()
-    try:
-        yield reg
-    finally:
-        reg.stop()
 
 
 def _cron(url: str) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from tests.cdi.api import seeds
 from tests.cdi.api.test_seeds import SEEDS
 from tests.e2e.conftest import Server, condition, phase
 from tests.e2e.test_datavolume import volume_of
-from tests.support import images, xfs
+from tests.support import images
 from tests.support.registry import Registry
 
 MiB = 1 << 20
@@ -27,26 +26,6 @@ A = "cdi.kubevirt.io/"
 NEXT = A + "storage.import.nextCronTime"
 DIGEST = A + "storage.import.sourceDesiredDigest"
 CRON = A + "dataImportCron"
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    reg = Registry(tmp_path / "registry").start()
-    try:
-        yield reg
-    finally:
-        reg.stop()
-
-
-@pytest.fixture
-def reflink_server(tmp_path: Path) -> Iterator[Server]:
-    with xfs.xfs(tmp_path / "fs") as mnt:
-        s = Server(tmp_path / "serve", "--reflink-root", str(mnt)).start()
-        try:
-            yield s
-        finally:
-            s.session.close()
-            s.stop()
 
 
 def _patch(server: Server, kind: str, name: str, body: dict[str, Any],

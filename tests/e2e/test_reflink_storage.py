@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +18,6 @@ from tests.support import xfs
 
 MiB = 1 << 20
 SNAP = "snapshot.storage.k8s.io"
-
-
-@pytest.fixture
-def reflink_server(tmp_path: Path) -> Iterator[Server]:
-    with xfs.xfs(tmp_path / "fs") as mnt:
-        s = Server(tmp_path / "serve", "--reflink-root", str(mnt)).start()
-        try:
-            yield s
-        finally:
-            s.session.close()
-            s.stop()
 
 
 def _claim(name: str, size: str, *, mode: str = "Filesystem", cls: str = "local-reflink",
