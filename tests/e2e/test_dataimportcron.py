@@ -5,7 +5,8 @@ points at it; a new image pushed to the tag is imported on the next poll (forced
 by setting ``storage.import.nextCronTime`` to the past) and the DataSource moves
 only once that import Succeeded, with ``importsToKeep: 1`` collecting the older
 volume; a broken image (no disk) leaves the DataSource where it was; and a
-digest after the broken one replaces the failed import.  A restart of `cdi serve`
+digest after the broken one replaces the failed import, and a fourth, good image
+is imported and served in its turn.  A restart of `cdi serve`
 neither polls again before the next run nor loses it.
 """
 
@@ -129,6 +130,19 @@ def test_a_cron_follows_its_tag(server: Server, registry: Registry, tmp_path: Pa
                            lambda o: condition(o, "UpToDate").get("status") == "True")
     assert cron["status"]["currentImports"] == [{"DataVolumeName": name2, "Digest": d2}]
     assert _source(server.get("das", "golden")) == name2
+
+    # A new, good image (v4): imported, served, and the one before it collected.
+    fourth = images.make_raw(tmp_path / "fourth.raw", virtual_size=8 * MiB,
+                             extents=[(2 * MiB, MiB)], seed=4)
+    d4 = containerdisk.publish(fourth, ref, insecure=True)
+    name4 = "golden-" + d4.removeprefix("sha256:")[:12]
+    _poll_now(server)
+    server.wait_for("das", "golden", lambda o: _source(o) == name4, timeout=60)
+    assert qemu_img.compare(str(fourth), str(volume_of(server, name4)))
+    cron = server.wait_for("dic", "golden-cron",
+                           lambda o: _gone(server, "pvc", name2) and
+                           condition(o, "UpToDate").get("status") == "True")
+    assert cron["status"]["currentImports"] == [{"DataVolumeName": name4, "Digest": d4}]
 
 
 def test_a_restart_neither_skips_nor_repeats_a_run(server: Server, registry: Registry,
