@@ -451,6 +451,7 @@ class DataVolumeController:
                 resources=resources,
                 insecure_registries=tuple((config.get("spec") or {}).get("insecureRegistries")
                                           or ()))
+        importpod.place(pod, await importpod.workload(self._store))
         try:
             created = await self._store.create(pod)
         except api_errors.AlreadyExists:

@@ -10,6 +10,7 @@ reads the progress metrics of a running worker.
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import json
 import re
@@ -18,7 +19,7 @@ from typing import Any
 import aiohttp
 
 from cdi.api import defaults, pki
-from cdi.backends.port import Obj
+from cdi.backends.port import Obj, ObjectStore
 from importer import space, units
 
 ANN = "cdi.kubevirt.io/"
@@ -298,6 +299,28 @@ def _worker_pod(dv: Obj, pvc: Obj, *, name: str, command: str, env: list[dict[st
         },
         "spec": spec,
     }
+
+
+async def workload(store: ObjectStore) -> Obj:
+    """CDI ``spec.workload`` (nodeSelector, affinity, tolerations) of the CDI resource, if
+    there is one: where worker pods are scheduled."""
+    for cdi in (await store.list("CDI")).items:
+        placement = (cdi.get("spec") or {}).get("workload")
+        if isinstance(placement, dict):
+            return placement
+    return {}
+
+
+def place(pod: Obj, placement: Obj) -> Obj:
+    """POD scheduled as PLACEMENT says (the fields it sets; POD returned, changed)."""
+    spec = pod["spec"]
+    if placement.get("nodeSelector"):
+        spec["nodeSelector"] = dict(placement["nodeSelector"])
+    if placement.get("affinity"):
+        spec["affinity"] = copy.deepcopy(placement["affinity"])
+    if placement.get("tolerations"):
+        spec["tolerations"] = copy.deepcopy(list(placement["tolerations"]))
+    return pod
 
 
 def network_annotations(dv: Obj) -> dict[str, str]:

@@ -95,6 +95,7 @@ class UploadClaimController:
             pvc, pvc, block=block, overhead=overhead,
             preallocation=ann.get(A + "storage.preallocation.requested") == "true",
             resources=config.get("defaultPodResourceRequirements", {}), tls_secret=tls_secret)
+        importpod.place(pod, await importpod.workload(self._store))
         try:
             created = await self._store.create(pod)
         except api_errors.AlreadyExists:

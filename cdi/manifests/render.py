@@ -85,5 +85,6 @@ def cdi_resource(values: Obj) -> Obj:
                                 "server": copy.deepcopy(certs["server"])}}
     if values["cloneStrategyOverride"]:
         spec["cloneStrategyOverride"] = values["cloneStrategyOverride"]
+    spec["workload"] = copy.deepcopy(values["workload"])
     return {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "CDI",
             "metadata": {"name": "cdi", "labels": dict(rbac.LABELS)}, "spec": spec}

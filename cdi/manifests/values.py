@@ -59,11 +59,13 @@ DEFAULTS: Obj = {
     },
     "monitoring": {"enabled": False},
     "rbac": {"operator": False},
+    "workload": {"nodeSelector": {}, "affinity": {}, "tolerations": []},
 }
 
 
 # Values that are Kubernetes structures, passed through as they are.
-FREE_FORM = frozenset({"resources.controller", "resources.apiserver", "resources.uploadproxy"})
+FREE_FORM = frozenset({"resources.controller", "resources.apiserver", "resources.uploadproxy",
+                       "workload.nodeSelector", "workload.affinity", "workload.tolerations"})
 
 
 class ValuesError(Exception):

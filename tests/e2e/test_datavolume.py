@@ -232,3 +232,29 @@ def test_secrets_for_auth_and_headers(server: Server, http_server: FileServer,
     # The secret never shows in the pod spec, the claim or the DataVolume.
     for kind in ("dv", "pvc"):
         assert "s3cret" not in json.dumps(server.get(kind, "private"))
+
+
+def test_worker_pods_follow_the_cdi_workload_placement(server: Server) -> None:
+    """CDI spec.workload reaches worker pods (a cluster schedules by it; `cdi serve` runs
+    them here whatever it says), with the restricted security context."""
+    toleration = {"key": "storage", "operator": "Exists", "effect": "NoSchedule"}
+    cdi = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "CDI", "metadata": {"name": "cdi"},
+           "spec": {"workload": {"nodeSelector": {"node-role/storage": ""},
+                                 "tolerations": [toleration]}}}
+    r = server.create(cdi)
+    assert r.status_code == 201, r.text
+    dv = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+          "metadata": {"name": "placed"},
+          "spec": {"source": {"upload": {}}, "priorityClassName": "vm-disks",
+                   "storage": {"resources": {"requests": {"storage": "8Mi"}}}}}
+    assert server.create(dv).status_code == 201
+    server.wait_for("dv", "placed", lambda o: phase(o) == "UploadReady")
+    pod = server.get("pod", "cdi-upload-placed")
+    assert pod["spec"]["nodeSelector"] == {"node-role/storage": ""}
+    assert pod["spec"]["tolerations"] == [toleration]
+    assert "affinity" not in pod["spec"]
+    assert pod["spec"]["priorityClassName"] == "vm-disks"
+    assert pod["spec"]["securityContext"]["runAsUser"] == 107
+    service = server.get("service", "cdi-upload-placed")
+    assert service["spec"]["selector"] == {
+        "cdi.kubevirt.io/uploadTarget": server.get("pvc", "placed")["metadata"]["uid"]}

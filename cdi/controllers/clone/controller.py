@@ -564,6 +564,7 @@ class CloneController(DataVolumeController):
             {"name": "UPLOAD_CLONE", "value": "true"},
             {"name": "CLIENT_NAME", "value": client_name(src_ns, src_name, meta["namespace"],
                                                          meta["name"])}]
+        importpod.place(pod, await importpod.workload(self._store))
         try:
             await self._store.create(pod)
         except api_errors.AlreadyExists:
@@ -574,8 +575,9 @@ class CloneController(DataVolumeController):
         tls = self._client_signer is not None and self._upload_tls is not None
         resources = ((await self._config()).get("status") or {}).get(
             "defaultPodResourceRequirements", {})
-        objects = [pods.source_pod(dv, target, src, address, tls=tls, socket=socket,
-                                   resources=resources)]
+        objects = [importpod.place(
+            pods.source_pod(dv, target, src, address, tls=tls, socket=socket,
+                            resources=resources), await importpod.workload(self._store))]
         if tls and socket is None:
             assert self._client_signer is not None and self._upload_tls is not None
             objects.insert(0, pods.source_secret(dv, target, src, self._client_signer,

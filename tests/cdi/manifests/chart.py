@@ -39,6 +39,10 @@ NON_DEFAULT = [
     "certificates.server.renewBefore=18h0m0s",
     "monitoring.enabled=true",
     "rbac.operator=true",
+    "workload.nodeSelector.node-role/storage=''",
+    "workload.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution="
+    "[{weight: 1, preference: {matchExpressions: [{key: disk, operator: In, values: [ssd]}]}}]",
+    "workload.tolerations=[{key: storage, operator: Exists, effect: NoSchedule}]",
 ]
 
 
