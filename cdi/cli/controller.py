@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import datetime
 import functools
 import logging
 import os
@@ -29,18 +30,20 @@ import socket
 import ssl
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 import prometheus_client
 from aiohttp import web
+from cryptography import x509
 
 from cdi.api import errors, pki
 from cdi.apiserver import review
 from cdi.backends import kube_config
 from cdi.backends.kube import KubeStore
 from cdi.backends.kube_lease import LeaderElector, LostLeadership
-from cdi.backends.port import ObjectStore
+from cdi.backends.port import Obj, ObjectStore
 from cdi.controllers.clone.controller import CloneController
 from cdi.controllers.dataimportcron import DataImportCronController
 from cdi.controllers.datasource import DataSourceController
@@ -58,6 +61,9 @@ PROXY_SIGNER = "cdi-uploadproxy-signer"
 SERVER_SIGNER_BUNDLE = "cdi-uploadserver-signer-bundle"
 CLIENT_CERT = "cdi-uploadserver-client-cert"
 PROXY_CERT = "cdi-uploadproxy-server-cert"
+PROXY_CERT_DAYS = 90  # the proxy's certificates; renewed when less than RENEW_BEFORE is left
+RENEW_BEFORE = datetime.timedelta(days=30)
+RENEW_CHECK = 12 * 3600.0  # seconds between looks at the proxy's certificates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,24 +139,50 @@ async def publish_upload_pki(store: ObjectStore, namespace: str, server_signer: 
         return ""
     proxy_signer = await signer(store, namespace, PROXY_SIGNER, workdir)
     svc = "cdi-uploadproxy"
-    wanted = (
-        (CLIENT_CERT, client_signer.issue(pki.UPLOAD_CLIENT_NAME, client=True)),
-        (PROXY_CERT, proxy_signer.issue(svc, hosts=(
+    wanted: tuple[tuple[str, Callable[[], pki.Issued]], ...] = (
+        (CLIENT_CERT, lambda: client_signer.issue(pki.UPLOAD_CLIENT_NAME, client=True,
+                                                  days=PROXY_CERT_DAYS)),
+        (PROXY_CERT, lambda: proxy_signer.issue(svc, days=PROXY_CERT_DAYS, hosts=(
             svc, f"{svc}.{namespace}", f"{svc}.{namespace}.svc",
             f"{svc}.{namespace}.svc.cluster.local"))),
     )
-    for name, issued in wanted:
+    for name, issue in wanted:
+        secret: Obj | None
         try:
-            await store.create({
-                "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-                "metadata": {"name": name, "namespace": namespace, "labels": labels},
-                "data": {"tls.crt": base64.b64encode(issued.cert_pem).decode(),
-                         "tls.key": base64.b64encode(issued.key_pem).decode(),
-                         "ca.crt": base64.b64encode(issued.ca_pem).decode()}})
-            log.info("created Secret %s/%s", namespace, name)
-        except errors.AlreadyExists:
-            pass  # made before (by us, another replica, or cert-manager)
+            secret = await store.get("Secret", name, namespace)
+        except errors.NotFound:
+            secret = None
+        if secret is not None and not _expiring(secret):
+            continue  # made before (by us, another replica, or cert-manager), still good
+        issued = issue()
+        data = {"tls.crt": base64.b64encode(issued.cert_pem).decode(),
+                "tls.key": base64.b64encode(issued.key_pem).decode(),
+                "ca.crt": base64.b64encode(issued.ca_pem).decode()}
+        try:
+            if secret is None:
+                await store.create({
+                    "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                    "metadata": {"name": name, "namespace": namespace, "labels": labels},
+                    "data": data})
+                log.info("created Secret %s/%s", namespace, name)
+            else:
+                secret["data"] = data
+                await store.replace(secret)
+                log.info("renewed Secret %s/%s", namespace, name)
+        except (errors.AlreadyExists, errors.Conflict):
+            pass  # another replica was quicker
     return proxy_signer.cert_pem.decode()
+
+
+def _expiring(secret: Obj) -> bool:
+    """Whether the certificate in SECRET is unreadable or within RENEW_BEFORE of its end."""
+    try:
+        cert = x509.load_pem_x509_certificate(
+            base64.b64decode((secret.get("data") or {})["tls.crt"]))
+    except (KeyError, ValueError):
+        return True
+    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+    return left < RENEW_BEFORE
 
 
 async def run(options: Options, stop: asyncio.Event) -> None:
@@ -212,10 +244,22 @@ async def _reconcile(store: KubeStore, namespace: str, options: Options,
                                    review.clone_allowed, review.StoreReviewer(store)))):
             runtime.add(controller)
         await runtime.start()
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(RENEW_CHECK)
+                try:
+                    await publish_upload_pki(store, namespace, server_signer, client_signer,
+                                             Path(tmp))
+                except errors.APIError as e:
+                    log.warning("renewing the upload proxy's certificates: %s", e.message)
+
+        renewing = asyncio.ensure_future(renew())
         try:
             await stop.wait()
         finally:
             log.info("STOPPING")
+            renewing.cancel()
             await runtime.stop()
             await datavolumes.close()
             await clones.close()

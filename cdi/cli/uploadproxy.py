@@ -17,7 +17,10 @@ as the chart deploys it (``cdi/manifests/workloads.py``):
   proxy serves with ``--server-cert-dir`` (``tls.crt``, ``tls.key``), presents
   ``--client-cert-dir`` to upload servers (mutual TLS), and verifies them
   against the ConfigMap ``cdi-uploadserver-signer-bundle`` that the
-  controller publishes, re-read every minute so a renewed CA is picked up.
+  controller publishes.  Every minute the bundle is re-read and the certificate
+  files are looked at, so a renewed CA or certificate is picked up without a
+  restart (the controller renews the proxy's certificates 30 days before they
+  end).
 """
 
 from __future__ import annotations
@@ -91,18 +94,51 @@ async def _bundle(store: ObjectStore, namespace: str) -> str:
     return str((cm.get("data") or {}).get("ca-bundle.crt") or "")
 
 
-def client_context(client_dir: Path, bundle: str) -> ssl.SSLContext:
-    """Verify upload servers against BUNDLE (host names checked); present our certificate."""
+def client_context(bundle: str) -> ssl.SSLContext:
+    """Verify upload servers against BUNDLE (host names checked); our certificate is loaded
+    into it by ``CertFiles``."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=bundle)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(client_dir / "tls.crt"), str(client_dir / "tls.key"))
     return ctx
 
 
-async def _refresh(store: ObjectStore, namespace: str, ctx: ssl.SSLContext, known: str) -> None:
-    """Add a changed CA bundle to CTX (certificates are only ever added to a context)."""
+class CertFiles:
+    """A ``tls.crt``/``tls.key`` pair loaded into a context, reloaded when the files change
+    (the kubelet updates a mounted Secret in place when the controller renews it)."""
+
+    def __init__(self, directory: Path, ctx: ssl.SSLContext) -> None:
+        self.directory = directory
+        self.ctx = ctx
+        self._seen = self._stamp()
+        ctx.load_cert_chain(str(directory / "tls.crt"), str(directory / "tls.key"))
+
+    def _stamp(self) -> tuple[tuple[int, int], ...]:
+        stats = (os.stat(self.directory / f) for f in ("tls.crt", "tls.key"))
+        return tuple((st.st_ino, st.st_mtime_ns) for st in stats)
+
+    def reload_if_changed(self) -> bool:
+        try:
+            stamp = self._stamp()
+            if stamp == self._seen:
+                return False
+            self.ctx.load_cert_chain(str(self.directory / "tls.crt"),
+                                     str(self.directory / "tls.key"))
+        except (OSError, ssl.SSLError) as e:  # half-written: the next look gets it whole
+            log.warning("cannot reload %s: %s", self.directory, e)
+            return False
+        self._seen = stamp
+        log.info("certificate reloaded from %s", self.directory)
+        return True
+
+
+async def _refresh(store: ObjectStore, namespace: str, ctx: ssl.SSLContext, known: str,
+                   certs: tuple[CertFiles, ...]) -> None:
+    """Add a changed CA bundle to CTX (certificates are only ever added to a context), and
+    reload renewed certificates."""
     while True:
         await asyncio.sleep(BUNDLE_REFRESH)
+        for files in certs:
+            files.reload_if_changed()
         try:
             bundle = await _bundle(store, namespace)
         except errors.APIError as e:
@@ -125,10 +161,10 @@ async def run(*, kubeconfig: Path | None, context: str | None, namespace: str | 
         if not bundle:
             raise click.ClickException(f"ConfigMap {ns}/{SERVER_SIGNER_BUNDLE} has no "
                                        "ca-bundle.crt (the controller publishes it)")
-        upstream = client_context(client_dir, bundle)
+        upstream = client_context(bundle)
         serving = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         serving.minimum_version = ssl.TLSVersion.TLSv1_2
-        serving.load_cert_chain(str(server_dir / "tls.crt"), str(server_dir / "tls.key"))
+        certs = (CertFiles(server_dir, serving), CertFiles(client_dir, upstream))
         app = create_app(public_key=key, resolver=KubeResolver(store), client_ssl=upstream,
                          metrics_endpoint=True)
         runner = web.AppRunner(app, access_log=None)
@@ -137,7 +173,7 @@ async def run(*, kubeconfig: Path | None, context: str | None, namespace: str | 
         await web.TCPSite(runner, host.strip("[]") or None, int(port),
                           ssl_context=serving).start()
         log.info("LISTEN address=%s namespace=%s", address, ns)
-        refreshing = asyncio.ensure_future(_refresh(store, ns, upstream, bundle))
+        refreshing = asyncio.ensure_future(_refresh(store, ns, upstream, bundle, certs))
         try:
             await stop.wait()
         finally:

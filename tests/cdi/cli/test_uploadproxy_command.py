@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import socket
 import ssl
 import threading
@@ -191,3 +192,67 @@ def test_cdi_uploadproxy_serves_with_the_published_keys(fake: FakeKube, tmp_path
         loop.call_soon_threadsafe(stop.set)
         thread.join(timeout=30)
     assert failure == []
+
+
+def test_an_expiring_proxy_certificate_is_renewed(fake: FakeKube, tmp_path: Path) -> None:
+    publish(fake, tmp_path / "a")
+    kept = (fake.get("Secret", controller.PROXY_CERT, NS) or {})["data"]
+
+    async def near_the_end() -> None:
+        async with KubeStore(fake.config()) as store:
+            client = await controller.signer(store, NS, controller.CLIENT_SIGNER, tmp_path / "b")
+        issued = client.issue(pki.UPLOAD_CLIENT_NAME, client=True, days=10)
+        fake.patch("Secret", controller.CLIENT_CERT, NS, {"data": {
+            "tls.crt": base64.b64encode(issued.cert_pem).decode(),
+            "tls.key": base64.b64encode(issued.key_pem).decode()}})
+    asyncio.run(near_the_end())
+    now = datetime.datetime.now(datetime.UTC)
+    assert (cert_of(fake, controller.CLIENT_CERT).not_valid_after_utc - now).days < 11
+    publish(fake, tmp_path / "c")
+    renewed = cert_of(fake, controller.CLIENT_CERT)
+    left = renewed.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+    assert datetime.timedelta(days=89) < left <= datetime.timedelta(days=90)
+    renewed.verify_directly_issued_by(cert_of(fake, controller.CLIENT_SIGNER))
+    # The one with time left is kept as it was.
+    assert (fake.get("Secret", controller.PROXY_CERT, NS) or {})["data"] == kept
+
+
+def test_renewed_certificate_files_are_reloaded(tmp_path: Path) -> None:
+    ca = pki.Signer(tmp_path / "ca", "test-ca")
+    directory = tmp_path / "server"
+    directory.mkdir()
+
+    def write(name: str) -> None:
+        issued = ca.issue(name, hosts=("127.0.0.1",))
+        (directory / "tls.crt.new").write_bytes(issued.cert_pem)
+        (directory / "tls.key.new").write_bytes(issued.key_pem)
+        for f in ("tls.crt", "tls.key"):  # replaced, as the kubelet swaps a Secret's files
+            (directory / f"{f}.new").replace(directory / f)
+
+    async def served_name(ctx: ssl.SSLContext) -> str:
+        async def ignore(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+        server = await asyncio.start_server(ignore, "127.0.0.1", 0, ssl=ctx)
+        port = server.sockets[0].getsockname()[1]
+        client = ssl.create_default_context(cafile=str(ca.cert_path))
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
+            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            writer.close()
+        finally:
+            server.close()
+            await server.wait_closed()
+        cert = x509.load_der_x509_certificate(der)
+        return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+    write("first")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    files = uploadproxy.CertFiles(directory, ctx)
+    assert asyncio.run(served_name(ctx)) == "first"
+    assert files.reload_if_changed() is False
+    write("second")
+    assert files.reload_if_changed() is True
+    assert asyncio.run(served_name(ctx)) == "second"
+    (directory / "tls.key").write_text("half written")
+    assert files.reload_if_changed() is False  # a broken pair keeps the last good one
+    assert asyncio.run(served_name(ctx)) == "second"
