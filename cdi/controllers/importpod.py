@@ -317,7 +317,12 @@ def place(pod: Obj, placement: Obj) -> Obj:
     if placement.get("nodeSelector"):
         spec["nodeSelector"] = dict(placement["nodeSelector"])
     if placement.get("affinity"):
-        spec["affinity"] = copy.deepcopy(placement["affinity"])
+        # The placement's affinity, with the pod's own pod-affinity terms added to it.
+        merged = copy.deepcopy(placement["affinity"])
+        for kind, terms in ((spec.get("affinity") or {}).get("podAffinity") or {}).items():
+            merged.setdefault("podAffinity", {}).setdefault(kind, []).extend(
+                copy.deepcopy(terms))
+        spec["affinity"] = merged
     if placement.get("tolerations"):
         spec["tolerations"] = copy.deepcopy(list(placement["tolerations"]))
     return pod

@@ -71,6 +71,30 @@ def source_secret(dv: Obj, target: Obj, src: Obj, client_signer: pki.Signer,
                  "ca.crt": base64.b64encode(server_ca_pem).decode()}}
 
 
+SOURCE_LABEL = "cdi.kubevirt.io/hostAssistedSourcePodCloneSource"  # the source claim's UID
+HOSTNAME = "kubernetes.io/hostname"
+
+
+def _term(key: str, value: str, namespace: str) -> Obj:
+    return {"labelSelector": {"matchExpressions": [
+                {"key": key, "operator": "In", "values": [value]}]},
+            "namespaces": [namespace], "topologyKey": HOSTNAME}
+
+
+def _affinity(target: Obj, src: Obj) -> Obj:
+    """Where the source pod should run, as CDI places it: near the target's upload server
+    if it can; and a source that only one node may mount (ReadWriteOnce alone) on the
+    same node as any other source pod of that claim."""
+    affinity: Obj = {"preferredDuringSchedulingIgnoredDuringExecution": [{
+        "weight": 100,
+        "podAffinityTerm": _term(importpod.UPLOAD_TARGET_LABEL, target["metadata"]["uid"],
+                                 target["metadata"]["namespace"])}]}
+    if list(src["spec"].get("accessModes") or []) == ["ReadWriteOnce"]:
+        affinity["requiredDuringSchedulingIgnoredDuringExecution"] = [
+            _term(SOURCE_LABEL, src["metadata"]["uid"], src["metadata"]["namespace"])]
+    return affinity
+
+
 def source_pod(dv: Obj, target: Obj, src: Obj, address: str, *, tls: bool,
                socket: str | None = None, resources: Obj | None = None) -> Obj:
     """The clone source worker, sending SRC to the upload server at ADDRESS.
@@ -107,7 +131,8 @@ def source_pod(dv: Obj, target: Obj, src: Obj, address: str, *, tls: bool,
         env += [{"name": "CLIENT_CERT_FILE", "value": f"{CLIENT_TLS_DIR}/tls.crt"},
                 {"name": "CLIENT_KEY_FILE", "value": f"{CLIENT_TLS_DIR}/tls.key"},
                 {"name": "SERVER_CA_FILE", "value": f"{CLIENT_TLS_DIR}/ca.crt"}]
-    spec: Obj = {"restartPolicy": "OnFailure", "containers": [container], "volumes": volumes}
+    spec: Obj = {"restartPolicy": "OnFailure", "containers": [container], "volumes": volumes,
+                 "affinity": {"podAffinity": _affinity(target, src)}}
     importpod.harden(spec, dv)
     annotations = {"sidecar.istio.io/inject": "false", "linkerd.io/inject": "disabled",
                    **importpod.network_annotations(dv)}
@@ -117,6 +142,7 @@ def source_pod(dv: Obj, target: Obj, src: Obj, address: str, *, tls: bool,
                      "labels": {"app": "containerized-data-importer",
                                 "cdi.kubevirt.io": "cdi-clone-source",
                                 "prometheus.cdi.kubevirt.io": "true",
+                                SOURCE_LABEL: src["metadata"]["uid"],
                                 CLONE_FOR: clone_for(target)},
                      "annotations": annotations},
         "spec": spec,

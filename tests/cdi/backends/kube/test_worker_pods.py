@@ -259,11 +259,29 @@ def test_clone_source_environment() -> None:
     assert mounts(pod)[clone_pods.CLIENT_TLS_DIR] == "secret:dv-uid-source-pod"
 
 
-@pytest.mark.xfail(strict=True, reason="a single-RWO clone source needs pod affinity to the "
-                   "nodes using it (cdi.kubevirt.io/hostAssistedSourcePodCloneSource); the "
-                   "source pod has none")
 def test_clone_source_affinity() -> None:
-    assert clone_source(False)["spec"].get("affinity")
+    """Near the target's upload server if possible; a ReadWriteOnce-only source on the node
+    of the other source pods of that claim (CDI's hostAssistedSourcePodCloneSource)."""
+    pod = clone_source(False)
+    source_uid = pod["metadata"]["labels"]["cdi.kubevirt.io/hostAssistedSourcePodCloneSource"]
+    affinity = pod["spec"]["affinity"]["podAffinity"]
+    (preferred,) = affinity["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred["weight"] == 100
+    assert preferred["podAffinityTerm"]["labelSelector"]["matchExpressions"] == [
+        {"key": "cdi.kubevirt.io/uploadTarget", "operator": "In", "values": ["disk-uid"]}]
+    assert preferred["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    (required,) = affinity["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert required["labelSelector"]["matchExpressions"] == [{
+        "key": "cdi.kubevirt.io/hostAssistedSourcePodCloneSource", "operator": "In",
+        "values": [source_uid]}]
+    assert required["namespaces"] == ["images"]
+    # Workload placement adds its own affinity; the pod's terms stay.
+    node = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "disk", "operator": "In", "values": ["ssd"]}]}]}}}
+    placed = importpod.place(pod, {"affinity": node})["spec"]["affinity"]
+    assert placed["nodeAffinity"] == node["nodeAffinity"]
+    assert placed["podAffinity"] == affinity
 
 
 def test_scratch_claim_is_owned_by_its_pod_and_kept_out_of_backups() -> None:
