@@ -7,7 +7,7 @@ as the chart deploys it (``cdi/manifests/workloads.py``):
 - **Resolver.**  The claim must exist and be an upload target
   (``cdi.kubevirt.io/storage.upload.target``) that has not finished; its
   upload server is the pod ``cdi-upload-<claim>``, reached through the Service
-  of the same name (``https://cdi-upload-<claim>.<ns>.svc``, port 443) once
+  of the same name (``https://cdi-upload-<claim>.<ns>.svc:8443``, as CDI's) once
   the controller marked the claim ``cdi.kubevirt.io/storage.pod.ready: "true"``
   (the pod is Running and Ready).  Like CDI's proxy it reads only the claim,
   which is all its RBAC allows (seeds table 1.6).  The answers and their texts
@@ -42,6 +42,7 @@ from cdi.backends import kube_config
 from cdi.backends.kube import KubeStore
 from cdi.backends.port import ObjectStore
 from cdi.cli.controller import SERVER_SIGNER_BUNDLE
+from cdi.controllers.importpod import UPLOAD_PORT
 from uploadproxy.app import create_app
 from uploadproxy.resolver import NotReadyYet, NotUploadTarget, UploadTarget
 
@@ -75,7 +76,7 @@ class KubeResolver:
         if annotations.get(POD_READY) != "true":
             raise NotReadyYet("the upload server is not ready")
         name = f"cdi-upload-{pvc}"
-        return UploadTarget(url=f"https://{name}.{namespace}.svc{self._suffix}",
+        return UploadTarget(url=f"https://{name}.{namespace}.svc{self._suffix}:{UPLOAD_PORT}",
                             content_type=annotations.get(CONTENT_TYPE) or "kubevirt")
 
 

@@ -49,6 +49,7 @@ CONTROLLER_ANNOTATIONS = frozenset({
 
 WORKER_UID = 107  # the qemu user of CDI's images
 UPLOAD_TARGET_LABEL = "cdi.kubevirt.io/uploadTarget"  # on an upload pod: its claim's UID
+UPLOAD_PORT = 8443  # the upload server's port, and its Service's (as CDI's)
 
 
 def passed_annotations(dv: Obj) -> dict[str, str]:
@@ -87,7 +88,7 @@ def upload_tls_secret(pvc: Obj, signer: pki.Signer, client_ca_pem: bytes) -> Obj
 
 def upload_service(pvc: Obj) -> Obj:
     """The Service in front of a claim's upload server (named as its pod, as in CDI): the
-    upload proxy reaches ``https://cdi-upload-<claim>.<ns>.svc`` on a cluster.  Owned by
+    upload proxy reaches ``https://cdi-upload-<claim>.<ns>.svc:8443`` on a cluster.  Owned by
     the claim, so it goes with it.  ``cdi serve`` keeps it but does not use it."""
     meta = pvc["metadata"]
     return {
@@ -99,8 +100,8 @@ def upload_service(pvc: Obj) -> Obj:
                                           "name": meta["name"], "uid": meta["uid"],
                                           "controller": True, "blockOwnerDeletion": True}]},
         "spec": {"selector": {UPLOAD_TARGET_LABEL: meta["uid"]},
-                 "ports": [{"name": "uploadserver", "port": 443, "targetPort": 8443,
-                            "protocol": "TCP"}]},
+                 "ports": [{"name": "uploadserver", "port": UPLOAD_PORT,
+                            "targetPort": UPLOAD_PORT, "protocol": "TCP"}]},
     }
 
 
@@ -203,6 +204,8 @@ def upload_pod_spec(dv: Obj, pvc: Obj, *, block: bool, overhead: float, prealloc
     env = [{"name": "UPLOAD_IMAGE_SIZE",
             "value": str(pvc["spec"]["resources"]["requests"]["storage"])},
            {"name": "LISTEN_PORT", "value": "8443"}]
+    if block:  # CDI names the device for block targets (ours finds it by IMPORTER_BLOCK_PATH)
+        env.append({"name": "DESTINATION", "value": "/dev/cdi-block-volume"})
     pod = _worker_pod(dv, pvc, name=upload_pod_name(pvc["metadata"]["name"]),
                       command="cdi-uploadserver", env=env, block=block, overhead=overhead,
                       preallocation=preallocation, scratch=scratch, resources=resources,

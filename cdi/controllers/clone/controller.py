@@ -499,7 +499,7 @@ class CloneController(DataVolumeController):
         address = upload["metadata"].get("annotations", {}).get(
             "embedded.cdi.kubevirt.io/upload-address")
         if not address and self._service_addresses:
-            address = f"{importpod.upload_pod_name(name)}.{ns}.svc:443"
+            address = f"{importpod.upload_pod_name(name)}.{ns}.svc:{importpod.UPLOAD_PORT}"
         ready = {c.get("type"): c for c in status.get("conditions", [])}.get("Ready", {})
         if not address or ready.get("status") != "True":
             return Result(requeue_after=0.2)

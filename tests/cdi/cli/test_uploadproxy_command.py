@@ -116,7 +116,7 @@ def test_the_resolver_answers(fake: FakeKube) -> None:
         "PVC plain is not an upload target",
         "PVC done already finished uploading",
         "the upload server is not ready",
-        UploadTarget(url="https://cdi-upload-disk.vms.svc", content_type="archive")]
+        UploadTarget(url="https://cdi-upload-disk.vms.svc:8443", content_type="archive")]
     # Only claims are read: all the seeds' RBAC lets the proxy read (table 1.6).
     assert {path.split("/")[-2] for _, path, _ in fake.requests} == {"persistentvolumeclaims"}
 

@@ -144,7 +144,7 @@ def test_a_datavolume_gets_its_claim_and_importer_pod(fake: FakeKube, tmp_path: 
         claim_uid = (fake.get("PersistentVolumeClaim", "up", "vms") or {})["metadata"]["uid"]
         assert service["spec"]["selector"] == {"cdi.kubevirt.io/uploadTarget": claim_uid}
         assert upload_pod["metadata"]["labels"]["cdi.kubevirt.io/uploadTarget"] == claim_uid
-        assert service["spec"]["ports"] == [{"name": "uploadserver", "port": 443,
+        assert service["spec"]["ports"] == [{"name": "uploadserver", "port": 8443,
                                              "targetPort": 8443, "protocol": "TCP"}]
         signer = fake.get("Secret", controller.SERVER_SIGNER, "cdi")
         assert signer is not None
