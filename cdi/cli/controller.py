@@ -232,7 +232,7 @@ async def _reconcile(store: KubeStore, namespace: str, options: Options,
         cdiconfig = CDIConfigController(store, upload_proxy_url=options.upload_proxy_url,
                                         upload_proxy_ca=proxy_ca)
         await cdiconfig.ensure()
-        datavolumes = DataVolumeController(store, upload_tls=upload_tls)
+        datavolumes = DataVolumeController(store, upload_tls=upload_tls, backend="Kubernetes")
         clones = CloneController(store, upload_tls=upload_tls, client_signer=client_signer,
                                  service_addresses=True)
         runtime = Runtime(store, max_parallel=options.max_parallel)

@@ -117,9 +117,11 @@ class DataVolumeController:
     name = "datavolume"
     kind = "DataVolume"
 
-    def __init__(self, store: ObjectStore, *, upload_tls: UploadTLS | None = None) -> None:
+    def __init__(self, store: ObjectStore, *, upload_tls: UploadTLS | None = None,
+                 backend: str = "embedded") -> None:
         self._store = store
         self._upload_tls = upload_tls
+        self._backend = backend  # named in refusals of what this backend cannot do
         self._session: aiohttp.ClientSession | None = None
         # dv uid -> (time, bytes read) of the last rate sample, and the rate then
         self._samples: dict[str, tuple[float, int, float | None]] = {}
@@ -154,7 +156,7 @@ class DataVolumeController:
                 (dv["spec"]["source"]["registry"] or {}).get("pullMethod") == "node":
             await self._set_status(dv, phase="Pending", bound=NO_PVC, running=(
                 "False", "UnsupportedSource",
-                "registry pullMethod node is not supported on the embedded backend; "
+                f"registry pullMethod node is not supported on the {self._backend} backend; "
                 "use pullMethod pod (the default)"))
             return None
         pvc = await self._get("PersistentVolumeClaim", name, ns)

@@ -127,6 +127,19 @@ def test_a_datavolume_gets_its_claim_and_importer_pod(fake: FakeKube, tmp_path: 
                               .get("status", {}).get("phase") == "ImportScheduled"
                               and fake.get("DataVolume", "disk", "vms"))
         assert dv["status"]["claimName"] == "disk"
+        # What the Kubernetes backend cannot do yet is refused in its own name.
+        fake.put({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+                  "metadata": {"name": "node-pull", "namespace": "vms"},
+                  "spec": {"source": {"registry": {"url": "docker://r.example/os:1",
+                                                   "pullMethod": "node"}},
+                           "pvc": {"accessModes": ["ReadWriteOnce"],
+                                   "resources": {"requests": {"storage": "1Gi"}}}}})
+        refused = await eventually(lambda: next(
+            (c for c in ((fake.get("DataVolume", "node-pull", "vms") or {}).get("status")
+                         or {}).get("conditions") or [] if c.get("type") == "Running"
+             and c.get("reason") == "UnsupportedSource"), None))
+        assert refused["message"] == ("registry pullMethod node is not supported on the "
+                                      "Kubernetes backend; use pullMethod pod (the default)")
         # An upload: its server Pod, and a serving certificate from the signer Secret.
         fake.put({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
                   "metadata": {"name": "up", "namespace": "vms"},
