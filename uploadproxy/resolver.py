@@ -20,13 +20,17 @@ A resolver answers one of four ways:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-__all__ = ["ARCHIVE", "KUBEVIRT", "NotReadyYet", "NotUploadTarget", "Resolver", "UploadTarget"]
+__all__ = ["ARCHIVE", "KUBEVIRT", "NotReadyYet", "NotUploadTarget", "Resolver", "UploadTarget",
+           "check_claim"]
 
 KUBEVIRT = "kubevirt"
 ARCHIVE = "archive"
+UPLOAD_TARGET = "cdi.kubevirt.io/storage.upload.target"
+POD_PHASE = "cdi.kubevirt.io/storage.pod.phase"
 
 
 @dataclass(frozen=True)
@@ -69,3 +73,17 @@ class Resolver(Protocol):
 
     async def upload_server(self, namespace: str, pvc: str) -> UploadTarget | None:
         ...
+
+
+def check_claim(pvc: str, claim: Mapping[str, Any] | None) -> Mapping[str, str]:
+    """The claim's annotations if it can take an upload; else NotUploadTarget with CDI's
+    text (no claim, not an upload target, upload already finished).  Both backends'
+    resolvers start with this."""
+    if claim is None:
+        raise NotUploadTarget(f"rejecting Upload Request for PVC {pvc} that doesn't exist")
+    annotations: Mapping[str, str] = (claim.get("metadata") or {}).get("annotations") or {}
+    if UPLOAD_TARGET not in annotations:
+        raise NotUploadTarget(f"PVC {pvc} is not an upload target")
+    if annotations.get(POD_PHASE) == "Succeeded":
+        raise NotUploadTarget(f"PVC {pvc} already finished uploading")
+    return annotations

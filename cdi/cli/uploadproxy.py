@@ -44,7 +44,7 @@ from cdi.backends.port import ObjectStore
 from cdi.cli.controller import SERVER_SIGNER_BUNDLE
 from cdi.controllers.importpod import UPLOAD_PORT
 from uploadproxy.app import create_app
-from uploadproxy.resolver import NotReadyYet, NotUploadTarget, UploadTarget
+from uploadproxy.resolver import NotReadyYet, UploadTarget, check_claim
 
 log = logging.getLogger("cdi.uploadproxy")
 
@@ -66,13 +66,8 @@ class KubeResolver:
         try:
             claim = await self._store.get("PersistentVolumeClaim", pvc, namespace)
         except errors.NotFound:
-            raise NotUploadTarget(
-                f"rejecting Upload Request for PVC {pvc} that doesn't exist") from None
-        annotations = claim["metadata"].get("annotations") or {}
-        if UPLOAD_TARGET not in annotations:
-            raise NotUploadTarget(f"PVC {pvc} is not an upload target")
-        if annotations.get(POD_PHASE) == "Succeeded":
-            raise NotUploadTarget(f"PVC {pvc} already finished uploading")
+            claim = None
+        annotations = check_claim(pvc, claim)
         if annotations.get(POD_READY) != "true":
             raise NotReadyYet("the upload server is not ready")
         name = f"cdi-upload-{pvc}"

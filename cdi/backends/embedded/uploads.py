@@ -13,7 +13,7 @@ from __future__ import annotations
 from cdi.api import errors
 from cdi.backends.embedded.podrunner import SOCKET_ANNOTATION, UPLOAD_ANNOTATION
 from cdi.backends.port import ObjectStore
-from uploadproxy.resolver import NotReadyYet, NotUploadTarget, UploadTarget
+from uploadproxy.resolver import NotReadyYet, UploadTarget, check_claim
 
 UPLOAD_TARGET = "cdi.kubevirt.io/storage.upload.target"
 POD_PHASE = "cdi.kubevirt.io/storage.pod.phase"
@@ -28,13 +28,8 @@ class EmbeddedResolver:
         try:
             claim = await self._store.get("PersistentVolumeClaim", pvc, namespace)
         except errors.NotFound:
-            raise NotUploadTarget(
-                f"rejecting Upload Request for PVC {pvc} that doesn't exist") from None
-        annotations = claim["metadata"].get("annotations", {})
-        if UPLOAD_TARGET not in annotations:
-            raise NotUploadTarget(f"PVC {pvc} is not an upload target")
-        if annotations.get(POD_PHASE) == "Succeeded":
-            raise NotUploadTarget(f"PVC {pvc} already finished uploading")
+            claim = None
+        annotations = check_claim(pvc, claim)
         try:
             pod = await self._store.get("Pod", f"cdi-upload-{pvc}", namespace)
         except errors.NotFound:

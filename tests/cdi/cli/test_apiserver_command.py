@@ -134,7 +134,9 @@ async def post(port: int, path: str, body: Any, ctx: ssl.SSLContext,
     async with aiohttp.ClientSession() as session, session.post(
             f"https://127.0.0.1:{port}{path}", json=body, ssl=ctx, server_hostname=HOST,
             headers=headers or {}) as r:
-        return r.status, await r.json()
+        answer = r.status, await r.json()
+    await asyncio.sleep(0.1)  # TLS connections finish closing (else: ResourceWarning later)
+    return answer
 
 
 def ca_bundle(fake: FakeKube) -> bytes:

@@ -183,6 +183,7 @@ def test_cdi_uploadproxy_serves_with_the_published_keys(fake: FakeKube, tmp_path
                                         server_hostname=host,
                                         headers={"Authorization": f"Bearer {token}"}) as r:
                     refused = (r.status, await r.text())
+            await asyncio.sleep(0.1)  # TLS connections finish closing
             return health, refused
 
         health, refused = asyncio.run(client())
