@@ -27,7 +27,7 @@ Memory
 
 Zero detection
     The source skips all-zero 64 KiB blocks inside data extents.  Its cost is
-    measured in process: ``clonesource.data_runs`` over 1 GiB of random data
+    measured in process: ``sparse.data_runs`` over 1 GiB of random data
     (the common case: nothing to skip) and over 1 GiB of zeros, 4 MiB at a time.
 
 The image (cached in ``<workdir>/images``, shared with bench/import_http.py)
@@ -68,6 +68,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from importer import clonesource  # noqa: E402 - after the path is set
+from importer.upload import sparse  # noqa: E402
 
 DEFAULT_WORKDIR = REPO / ".bench"
 MiB = 1 << 20
@@ -139,7 +140,7 @@ def prewarm(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         with memoryview(buf) as view:
-            for start, length in clonesource.extents(fd, os.fstat(fd).st_size):
+            for start, length in sparse.extents(fd, os.fstat(fd).st_size):
                 for pos in range(start, start + length, PIECE):
                     os.preadv(fd, [view[: min(PIECE, start + length - pos)]], pos)
     finally:
@@ -338,7 +339,7 @@ def zero_scan_cost() -> tuple[float, float]:
     for b in (buf, zeros):
         started = time.perf_counter()
         for i in range(rounds):
-            clonesource.data_runs(b, room, clonesource.CHUNK, i * clonesource.CHUNK)
+            sparse.data_runs(b, room, clonesource.CHUNK, i * clonesource.CHUNK)
         out.append(time.perf_counter() - started)
     return out[0], out[1]
 
@@ -480,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
            f"{statistics.median(r.source.cpu for r in plain):.2f} s, target "
            f"{statistics.median(r.target.cpu for r in plain):.2f} s; TLS pipe receiver "
            f"{statistics.median(c for _, c in floors):.2f} s")
-    scan = (f"zero detection (clonesource.data_runs, in process): {scan_random * 1000:.1f} ms "
+    scan = (f"zero detection (sparse.data_runs, in process): {scan_random * 1000:.1f} ms "
             f"per GiB of random data, {scan_zeros * 1000:.1f} ms per GiB of zeros")
     say("")
     say("\n".join(sides))

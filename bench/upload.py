@@ -19,6 +19,9 @@ What it measures
              (``docs/security.md``, local sockets), while ``direct`` keeps
              mutual TLS to the TCP port, as any client of an upload server
              must
+    every byte  (extra rows (a0), (b0), raw only) ``direct`` and ``proxy`` with the
+             whole file as the body, zeros included, as a KubeVirt CDI client
+             (``virtctl image-upload``, curl) sends it
     local    (extra row, raw only; not a baseline) the same POST as ``direct``
              but over the upload server's Unix socket in plain HTTP (the pod
              annotation ``embedded.cdi.kubevirt.io/upload-socket``), the path
@@ -32,16 +35,21 @@ What it measures
 
     ``upload`` (sync) is answered once the image is written, converted if it
     has to be, resized and fsynced, so cp is fsynced too.  ``cp`` (coreutils,
-    default ``--sparse=auto``) skips the holes of the sparse source as the
-    upload server skips zeros; it only moves the data, while an upload carries
-    every byte of the file (zeros included) over TLS, twice through the proxy.
-    A case ``4x proxy`` sends four raw uploads at once through one proxy, into
-    four DataVolumes, and reports aggregate throughput.
+    default ``--sparse=auto``) moves only the data of the sparse source.  So
+    does ``cdi image-upload`` for a raw image: it sends a sparse stream
+    (``importer.upload.sparse``, offered by the upload server in
+    ``Accept-Post``), the runs of data with their offsets, and (a), (b) and
+    (a') send the raw image the same way; (a0) and (b0) show what a client
+    sending every byte (zeros too, over TLS, twice through the proxy) gets.
+    A qcow2 image goes as it is everywhere.  A case ``4x proxy`` sends four
+    raw uploads at once through one proxy, into four DataVolumes, and reports
+    aggregate throughput.
 
-    For (a) and (b) the client is ``http.client`` (``HTTPSConnection`` with a
-    1 MiB ``blocksize`` and the open file as the body, so the file streams with
-    a Content-Length in 1 MiB ``sendall`` calls), one thread per upload; its
-    CPU time is reported so one can see it is not the bottleneck.
+    For (a) and (b) the client is ``http.client`` (``HTTPSConnection``; a
+    sparse stream goes in chunked coding, one chunk per frame of at most 4 MiB;
+    a whole file with a 1 MiB ``blocksize`` and a Content-Length), one thread
+    per upload; its CPU time is reported so one can see it is not the
+    bottleneck.
 
 Memory
     The proxy runs inside ``cdi serve``: its peak RSS is the ``VmHWM`` of the
@@ -96,6 +104,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from importer.upload import sparse
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WORKDIR = REPO / ".bench"
@@ -561,11 +572,22 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self._path)
 
 
+def _sparse_body(path: Path) -> Iterator[memoryview]:
+    """PATH as a sparse stream (only its data), as ``cdi image-upload`` sends a raw image."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        yield from sparse.encode(fd, path.stat().st_size)
+    finally:
+        os.close(fd)
+
+
 def post_file(url: str, context: ssl.SSLContext | None, path: Path,
-              headers: dict[str, str]) -> Posted:
+              headers: dict[str, str], sparse_stream: bool = False) -> Posted:
     """POST PATH to URL with http.client: 1 MiB reads and sendall calls, Content-Length set.
 
-    URL ``unix:<socket>#<path>`` goes over that Unix socket in plain HTTP.
+    With SPARSE_STREAM, PATH's sparse stream instead, in chunked coding, one
+    chunk per frame.  URL ``unix:<socket>#<path>`` goes over that Unix socket
+    in plain HTTP.
     """
     conn: http.client.HTTPConnection
     if url.startswith("unix:"):
@@ -579,10 +601,15 @@ def post_file(url: str, context: ssl.SSLContext | None, path: Path,
     cpu0 = time.thread_time()
     started = time.perf_counter()
     try:
-        with path.open("rb") as f:
-            conn.request("POST", parts.path, body=f, headers={
-                "Content-Length": str(path.stat().st_size),
-                "Content-Type": "application/octet-stream", **headers})
+        if sparse_stream:
+            conn.request("POST", parts.path, body=_sparse_body(path), encode_chunked=True,
+                         headers={"Transfer-Encoding": "chunked",
+                                  "Content-Type": sparse.MEDIA_TYPE, **headers})
+        else:
+            with path.open("rb") as f:
+                conn.request("POST", parts.path, body=f, headers={
+                    "Content-Length": str(path.stat().st_size),
+                    "Content-Type": "application/octet-stream", **headers})
         answer = conn.getresponse()
         text = answer.read().decode(errors="replace")
     finally:
@@ -590,8 +617,10 @@ def post_file(url: str, context: ssl.SSLContext | None, path: Path,
     return Posted(answer.status, text, time.perf_counter() - started, time.thread_time() - cpu0)
 
 
-def post_all(jobs: list[tuple[str, ssl.SSLContext | None, Path, dict[str, str]]]
-             ) -> tuple[float, list[Posted]]:
+Job = tuple[str, ssl.SSLContext | None, Path, dict[str, str], bool]
+
+
+def post_all(jobs: list[Job]) -> tuple[float, list[Posted]]:
     """Run the POSTs at once, one thread each; (wall seconds until the last answer, answers)."""
     results: list[Posted | BaseException | None] = [None] * len(jobs)
     barrier = threading.Barrier(len(jobs) + 1)
@@ -677,9 +706,11 @@ def _client_context(cafile: Path, cert: tuple[Path, Path] | None = None) -> ssl.
 
 
 def run_http(image: Image, sizes: Sizes, rundir: Path, *, via: str, count: int,
-             check: bool) -> Run:
+             check: bool, every_byte: bool = False) -> Run:
     """COUNT uploads of IMAGE at once, VIA "direct", "local" or "proxy", into fresh
-    DataVolumes."""
+    DataVolumes.  A raw image goes as a sparse stream, as ``cdi image-upload``
+    sends it, unless EVERY_BYTE (as a CDI client sends it)."""
+    sparse_stream = image.kind == "raw" and not every_byte
     with serving(rundir) as serve:
         names = [f"up-{i}" for i in range(count)]
         for name in names:
@@ -687,23 +718,24 @@ def run_http(image: Image, sizes: Sizes, rundir: Path, *, via: str, count: int,
         for name in names:
             serve.wait_phase(name, "UploadReady")
         pods = {name: serve.upload_pod(name) for name in names}
-        jobs: list[tuple[str, ssl.SSLContext | None, Path, dict[str, str]]] = []
+        jobs: list[Job] = []
         if via == "local":
             for name in names:
                 jobs.append((f"unix:{serve.upload_socket(name)}#/v1beta1/upload", None,
-                             image.path, {}))
+                             image.path, {}, sparse_stream))
         elif via == "direct":
             client = serve.data_dir / "uploadserver-client-signer" / "client"
             ctx = _client_context(serve.data_dir / "uploadserver-signer" / "ca.crt",
                                   (client / "tls.crt", client / "tls.key"))
             for name in names:
-                jobs.append((f"https://{pods[name][0]}/v1beta1/upload", ctx, image.path, {}))
+                jobs.append((f"https://{pods[name][0]}/v1beta1/upload", ctx, image.path, {},
+                             sparse_stream))
         else:
             url, ca = serve.proxy()
             ctx = _client_context(ca)
             for name in names:
                 jobs.append((f"{url}/v1beta1/upload", ctx, image.path,
-                             {"Authorization": f"Bearer {serve.token(name)}"}))
+                             {"Authorization": f"Bearer {serve.token(name)}"}, sparse_stream))
         prewarm(image.path)
         idle, cpu0 = serve.hwm(), serve.cpu()
         watch = WorkerWatch(serve.pid, [pid for _, pid in pods.values()])
@@ -858,6 +890,12 @@ def ratios_and_bars(results: dict[tuple[str, str], Result]) -> tuple[list[list[s
                 r = ratio(side, cp)
                 bars.append(Bar(f"raw: {side.side} / cp throughput", f"{r:.2f}",
                                 f">= {CP_BAR}", r >= CP_BAR))
+    cp, direct0, proxy0 = (results.get(("raw", side)) for side in ("cp", "direct0", "proxy0"))
+    if cp and direct0 and proxy0:  # no bar: what a CDI client (every byte) gets
+        ratio_rows.append(["raw, every byte (extra)",
+                           f"{proxy0.mibps / direct0.mibps:.2f}",
+                           f"{direct0.mibps / cp.mibps:.2f}", f"{proxy0.mibps / cp.mibps:.2f}",
+                           "-"])
     conc = results.get(("raw", "4x proxy"))
     if conc is not None:
         hwm = conc.peak("serve_hwm")
@@ -880,7 +918,9 @@ NOTES = (
     "cdi serve VmHWM is the whole control plane, the upload proxy included (a fresh cdi serve "
     "per run; idle = just before the upload); worker = the upload server's VmHWM, sampled "
     "every 100 ms; tree = the workers and their children (qemu-img), summed. The (a)/(b) "
-    "client is http.client, 1 MiB blocks, one thread per upload; CPU seconds are medians. "
+    "client is http.client, one thread per upload, sending a raw image as a sparse stream "
+    "(its data only, as cdi image-upload does; (a0)/(b0): every byte, as a CDI client does); "
+    "CPU seconds are medians. "
     "'others' is the CPU the rest of the machine used during the run (from /proc/stat, less "
     "the CPU of the client, cdi serve and the workers), in cores: other jobs on the machine."
 )
@@ -944,6 +984,12 @@ def measure(images: tuple[Image, Image], sizes: Sizes, cases: list[str], runs: i
             record(image, "proxy", f"{kind} (b) proxy", i, functools.partial(
                 run_http, image, sizes, via="proxy", count=1, check=check))
             if kind == "raw":
+                record(image, "direct0", f"{kind} (a0) direct, every byte (extra)", i,
+                       functools.partial(run_http, image, sizes, via="direct", count=1,
+                                         check=check, every_byte=True))
+                record(image, "proxy0", f"{kind} (b0) proxy, every byte (extra)", i,
+                       functools.partial(run_http, image, sizes, via="proxy", count=1,
+                                         check=check, every_byte=True))
                 record(image, "local", f"{kind} (a') direct, Unix socket (extra)", i,
                        functools.partial(run_http, image, sizes, via="local", count=1,
                                          check=check))

@@ -8,7 +8,7 @@ a block device, or a filesystem without them, is one extent), skips all-zero
 64 KiB blocks inside the data as it reads (a preallocated image, a block
 device), and streams what is left as offset-tagged frames to the target's
 upload server in clone mode, which recreates the holes.  The wire format is in
-``importer.upload.clone`` and ``docs/clone.md``.
+``importer.upload.sparse`` and ``docs/clone.md``.
 
 Environment
 -----------
@@ -64,7 +64,6 @@ request body, framing included).  1: ``Unable to clone data: <reason>``
 from __future__ import annotations
 
 import dataclasses
-import errno
 import http.client
 import io
 import json
@@ -87,23 +86,21 @@ from typing import Any, cast
 
 import prometheus_client
 
-from importer import errors, settings, target, units
+from importer import errors, settings, units
 from importer.__main__ import write_termination
 from importer.progress import Progress
 from importer.progress import serve as serve_metrics
-from importer.upload import clone, localsocket
+from importer.upload import clone, localsocket, sparse
 
 log = logging.getLogger("importer.clonesource")
 
 DEFAULT_SOURCE_DIR = Path("/var/run/cdi/clone/source")
 CHUNK = 4 * units.MiB  # bytes read from the source at a time; the largest frame
-SEGMENT = target.SEGMENT  # zero-detection granularity
 ROOM = 64  # bytes kept free before a frame's data for the chunk and frame header
 MAX_BACKOFF = 30.0
 MAX_ANSWER = 4096  # characters of a refusal kept for the termination message
 BUFFERS = 3  # read ahead of the sender
 READER_JOIN_TIMEOUT = 5.0
-_ZEROS = memoryview(bytes(CHUNK))
 # Variables of the import worker that mean nothing here.
 _IMPORT_ONLY = ("IMPORTER_SOURCE", "IMPORTER_ENDPOINT", "IMPORTER_CONTENTTYPE",
                 "IMPORTER_CHECKSUM", "IMPORTER_IMAGE_SIZE")
@@ -260,55 +257,6 @@ def _file(name: str, value: str | None) -> Path | None:
 # --- the source -----------------------------------------------------------------------
 
 
-def extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) of each run of data in the first SIZE bytes, in order.
-
-    Without SEEK_DATA (a block device, some filesystems) all of it is one run.
-    """
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # nothing but a hole from POS on
-                return
-            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                yield pos, size - pos
-                return
-            raise
-        if start >= size:
-            return
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        yield start, end - start
-        pos = end
-
-
-def data_runs(buf: bytearray, start: int, length: int, offset: int) -> list[tuple[int, int]]:
-    """The [a, b) index ranges of BUF[START:START+LENGTH] that are not all-zero SEGMENTs.
-
-    Segments are aligned on the source's offsets (OFFSET is where BUF[START]
-    comes from), so the same zero block is found wherever a read begins.
-    """
-    runs: list[tuple[int, int]] = []
-    end = start + length
-    if buf.startswith(_ZEROS[:length], start):
-        return runs
-    pos = start
-    run = -1
-    while pos < end:
-        seg_end = min(pos + SEGMENT - (offset + pos - start) % SEGMENT, end)
-        if buf.startswith(_ZEROS[: seg_end - pos], pos):
-            if run >= 0:
-                runs.append((run, pos))
-                run = -1
-        elif run < 0:
-            run = pos
-        pos = seg_end
-    if run >= 0:
-        runs.append((run, end))
-    return runs
-
-
 def _pread(fd: int, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):
@@ -346,7 +294,7 @@ class _Reader:
 
     def _run(self) -> None:
         try:
-            for start, length in extents(self._fd, self._size):
+            for start, length in sparse.extents(self._fd, self._size):
                 pos, end = start, start + length
                 while pos < end:
                     buf = self._free.get()
@@ -478,10 +426,10 @@ class Attempt:
                 f"Connection: close\r\n\r\n").encode("ascii")
         try:
             self._send(memoryview(head), body=False)
-            self._chunk(clone.encode_head(size))
+            self._chunk(sparse.encode_head(size))
             self._frames(fd, size, allocated, percent)
             if not self._answered:
-                end = clone.encode_end(size)
+                end = sparse.encode_end(size)
                 tail = (b"\r\n" if self._chunk_open else b"") + b"%x\r\n" % len(end) + end
                 self._send(memoryview(tail + b"\r\n0\r\n\r\n"))
         except (OSError, ssl.SSLError) as e:
@@ -497,7 +445,7 @@ class Attempt:
             for buf, pos, n in reader:
                 self._progress.add_read(n)
                 with memoryview(buf) as view:
-                    for a, b in data_runs(buf, ROOM, n, pos):
+                    for a, b in sparse.data_runs(buf, ROOM, n, pos):
                         self._frame(buf, view, a, b, pos + a - ROOM)
                         if self._answered:
                             return
@@ -514,8 +462,8 @@ class Attempt:
         room at the buffer's start, or a zero segment that is not sent.
         """
         length = b - a
-        prefix = ((b"\r\n" if self._chunk_open else b"") + b"%x\r\n" % (clone.FRAME.size + length)
-                  + clone.FRAME.pack(offset, length))
+        prefix = ((b"\r\n" if self._chunk_open else b"") + b"%x\r\n" % (sparse.FRAME.size + length)
+                  + sparse.FRAME.pack(offset, length))
         p = a - len(prefix)
         buf[p:a] = prefix
         self._send(view[p:b])
@@ -652,7 +600,7 @@ def run(config: Config) -> tuple[int, str]:
             size = os.lseek(fd, 0, os.SEEK_END)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             count, allocated = 0, 0
-            for _, length in extents(fd, size):
+            for _, length in sparse.extents(fd, size):
                 count += 1
                 allocated += length
             log.info("CLONE source=%s block=%s size=%d allocated=%d extents=%d target=%s",

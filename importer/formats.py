@@ -118,6 +118,12 @@ class Detected:
         return self.format in CONVERTIBLE
 
 
+def kind_of(header: bytes) -> str:
+    """The outermost layer HEADER (an image's first bytes) announces: a compression, a
+    format qemu-img converts, or "raw"."""
+    return _match(header) or "raw"
+
+
 def detect(src: Reader) -> Detected:
     """Unwrap compression layers until an image format or raw is found."""
     reader = Peekable(src)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 import requests
@@ -23,7 +23,9 @@ import requests
 from cdi.api.kinds import BY_KIND
 from cdi.cli.client import Client, StatusError
 from cdi.cli.options import CommandError, api_command
-from importer import units
+from importer import formats, units
+from importer.upload.sparse import MEDIA_TYPE as SPARSE_TYPE
+from importer.upload.sparse import encode as sparse_encode
 
 CHUNK = 1 << 20
 POLL = 0.5
@@ -171,6 +173,37 @@ class _Body:
                 yield chunk
 
 
+class _SparseBody:
+    """A raw image as a sparse stream (``importer.upload.sparse``): only its data is sent.
+
+    No length: requests sends it with chunked coding.  Frames start at START
+    (a continued upload); the progress shows the position in the image.
+    """
+
+    def __init__(self, path: Path, total: int, start: int = 0) -> None:
+        self._path = path
+        self._total = total
+        self._start = start
+
+    def __iter__(self) -> Iterator[memoryview]:
+        progress = _Progress(self._total, self._start, tty=click.get_text_stream("stderr").isatty())
+        fd = os.open(self._path, os.O_RDONLY)
+        try:
+            yield from sparse_encode(fd, self._total, start=self._start, reached=progress.update)
+        finally:
+            os.close(fd)
+
+
+def _sends_sparse(path: Path, probe: requests.Response) -> bool:
+    """Whether to send PATH as a sparse stream: a raw image, to a server that takes one."""
+    accepted = {t.strip().lower() for t in probe.headers.get("Accept-Post", "").split(",")}
+    if SPARSE_TYPE not in accepted:
+        return False  # e.g. a KubeVirt CDI upload server: every byte, as virtctl sends
+    with path.open("rb") as f:
+        head = f.read(formats.HEADER_SIZE)
+    return formats.kind_of(head) == "raw"
+
+
 def _token(client: Client, name: str, namespace: str) -> str:
     """A fresh upload token (they live 5 minutes; a resumed upload may need another)."""
     utr = client.create(BY_KIND["UploadTokenRequest"], {
@@ -181,18 +214,22 @@ def _token(client: Client, name: str, namespace: str) -> str:
 
 def _send(session: requests.Session, client: Client, url: str, endpoint: str, path: Path,
           total: int, *, name: str, namespace: str, checksum: str | None, retries: int,
-          wait: float) -> None:
+          wait: float, sparse_stream: bool = False) -> None:
     """POST the file; after a dropped connection or a 5xx, continue where the server is."""
     offset = 0
     for attempt in range(retries + 1):
         headers = {"Authorization": f"Bearer {_token(client, name, namespace)}",
-                   "Content-Type": "application/octet-stream"}
+                   "Content-Type": SPARSE_TYPE if sparse_stream
+                   else "application/octet-stream"}
         if checksum:
             headers["X-Checksum"] = checksum
         params = {"offset": str(offset)} if offset else None
+        body = (_SparseBody(path, total, offset) if sparse_stream
+                else _Body(path, total, offset))
         try:
             r = session.post(f"{url}/v1beta1/{endpoint}", params=params, headers=headers,
-                             data=_Body(path, total, offset), timeout=(30, None),
+                             # urllib3 frames memoryviews as it does bytes
+                             data=cast("Iterable[bytes]", body), timeout=(30, None),
                              verify=session.verify)
             if r.status_code == 200:
                 return
@@ -250,12 +287,16 @@ def _resume_offset(session: requests.Session, url: str, auth: str, wait: float) 
 @click.option("--checksum", default=None, help="<md5|sha1|sha256|sha512>:<hex> of the file.")
 @click.option("--retry", type=int, default=5, show_default=True,
               help="Attempts to continue after a dropped connection or a server error.")
+@click.option("--sparse/--no-sparse", default=True, show_default=True,
+              help="Send only the data of a raw image (a sparse stream) when the upload "
+                   "server takes one; --no-sparse sends every byte, as virtctl does.")
 @api_command
 def image_upload(client: Client, kind: str, name: str, namespace: str, image_path: Path | None,
                  archive_path: Path | None, size: str | None, no_create: bool,
                  storage_class: str | None, access_mode: str | None, volume_mode: str | None,
                  force_bind: bool, datasource: bool, uploadproxy_url: str | None,
-                 insecure: bool, wait_secs: int, checksum: str | None, retry: int) -> None:
+                 insecure: bool, wait_secs: int, checksum: str | None, retry: int,
+                 sparse: bool) -> None:
     """Upload a disk image (or an archive) into a DataVolume or a PVC through the upload proxy."""
     path = image_path or archive_path
     if path is None or (image_path and archive_path):
@@ -311,9 +352,11 @@ def image_upload(client: Client, kind: str, name: str, namespace: str, image_pat
             if probe.status_code != 200:
                 raise CommandError(f"error: the upload proxy answered {probe.status_code} to the "
                                    f"probe: {probe.text.strip()}")
-            click.echo(f"Uploading {path} ({units.humanize(total)}) to {url}", err=True)
+            sparse_stream = sparse and image_path is not None and _sends_sparse(image_path, probe)
+            how = ", its data only (sparse stream)" if sparse_stream else ""
+            click.echo(f"Uploading {path} ({units.humanize(total)}) to {url}{how}", err=True)
             _send(session, client, url, endpoint, path, total, name=name, namespace=namespace,
-                  checksum=checksum, retries=retry, wait=wait_secs)
+                  checksum=checksum, retries=retry, wait=wait_secs, sparse_stream=sparse_stream)
     finally:
         if ca_file:
             Path(ca_file).unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from importer.processor import Phase
 from importer.progress import Progress
 from importer.settings import Checksum, Settings
 from importer.upload import body as body_mod
-from importer.upload import resume
+from importer.upload import resume, sparse
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,12 @@ class UploadSource:
                  progress: Progress, archive: bool = False, checksum: Checksum | None = None,
                  length: int | None = None, offset: int = 0,
                  tracker: resume.Tracker | None = None,
-                 received: Callable[[], None] = lambda: None) -> None:
+                 received: Callable[[], None] = lambda: None, sparse: bool = False) -> None:
         """BODY is the image (or tar) stream; LENGTH its size if known.
 
         OFFSET > 0 continues a raw upload at that byte; TRACKER, if enabled,
-        makes a raw upload resumable.
+        makes a raw upload resumable.  SPARSE: BODY is a sparse stream
+        (``upload.sparse``) of a raw image, not the image itself.
         """
         self._body = body
         self._settings = settings
@@ -63,10 +64,15 @@ class UploadSource:
         self._hashing: stream.Hashing | None = None
         self._detected: formats.Detected | None = None
         self._scratch_image: Path | None = None
+        self._sparse = sparse
+        self.image_end: int | None = None  # a sparse upload's image size, once written
 
     # -- the processor's interface ---------------------------------------------
 
     def info(self) -> Phase:
+        if self._sparse:
+            log.info("UPLOAD sparse stream offset=%d", self._offset)
+            return Phase.TRANSFER_DATA_FILE  # raw by declaration; checked as it comes
         if self._offset:
             log.info("UPLOAD continues at offset=%d", self._offset)
             return Phase.TRANSFER_DATA_FILE  # only raw uploads are resumable
@@ -83,6 +89,8 @@ class UploadSource:
         return Phase.TRANSFER_SCRATCH if d.needs_conversion else Phase.TRANSFER_DATA_FILE
 
     def transfer_file(self, target_: target.Target) -> Phase:
+        if self._sparse:
+            return self._transfer_sparse(target_)
         d = self._detected
         # Only a raw, uncompressed body lands on the volume byte for byte.
         byte_for_byte = self._offset > 0 or (d is not None and d.layers == ["raw"])
@@ -116,6 +124,51 @@ class UploadSource:
             size = w.finish()
         self._progress.set_written(size)
         log.info("WROTE size=%d data=%d", size, w.data_bytes)
+        self._received()
+        return Phase.RESIZE
+
+    def _transfer_sparse(self, target_: target.Target) -> Phase:
+        """Write a sparse stream's frames at their offsets; the gaps read as zeros.
+
+        Resumable like a plain raw upload: the writer thread checkpoints the
+        durable offset (the image bytes below it are final, holes included),
+        and a continuation's frames start at or past it.  A checksum covers the
+        whole image, zeros included, as for a plain upload.
+        """
+        size = sparse.read_head(self._body)
+        if size > target_.capacity:
+            raise errors.ImageTooLarge(virtual=size, available=target_.capacity)
+        if self._offset > size:
+            raise sparse.MalformedStream(reason=f"the upload continues at offset "
+                                                f"{self._offset}, past the image size {size}")
+        hashing = None
+        if self._checksum is not None:
+            hashing = sparse.Hashing(self._checksum)
+            resume.replay(target_.path, self._offset, hashing.data)
+        with target_.open_writer(preallocate=self._settings.preallocation,
+                                 offset=self._offset, direct=True) as w:
+            checkpointing = None
+            if self._tracker is not None:
+                checkpointing = resume.Checkpointing(w, self._tracker)
+                if not self._offset:
+                    self._tracker.save(0)
+            try:
+                frames = sparse.write_frames(
+                    self._body, w, size=size, start=self._offset, progress=self._progress,
+                    raw_only=True, on_data=hashing.data if hashing is not None else None,
+                    after_write=checkpointing.tick if checkpointing is not None else None)
+            except body_mod.ClientDisconnected as e:
+                if checkpointing is None:
+                    raise
+                offset = checkpointing.checkpoint()
+                raise UploadInterrupted(received=e.received, reason=e.reason,
+                                        offset=offset) from e
+            if hashing is not None:
+                hashing.verify(size)
+            sparse.skip_to(w, size)
+            self.image_end = w.finish()
+        self._progress.set_written(w.data_bytes)
+        log.info("WROTE size=%d data=%d frames=%d", size, w.data_bytes, frames)
         self._received()
         return Phase.RESIZE
 

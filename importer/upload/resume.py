@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from importer import stream, target, units
@@ -95,6 +96,10 @@ class Checkpointing:
 
     def write(self, buf: bytearray, length: int, *, total: int | None = None) -> None:
         self._writer.write(buf, length, total=total)
+        self.tick()
+
+    def tick(self) -> None:
+        """Checkpoint if the interval has passed since the last one."""
         if time.monotonic() - self._last >= self._interval:
             self.checkpoint()
 
@@ -143,6 +148,27 @@ class _Chain:
                 return n
             self._first = None
         return self._second.readinto(buf)
+
+
+def replay(path: Path, size: int, fn: Callable[[int, memoryview], object]) -> None:
+    """Hand FN (offset, data) the first SIZE bytes of the target, as written, a MiB at a time.
+
+    For a continued upload's checksum: read back, not trusted from memory (the
+    server may have restarted since).
+    """
+    if not size:
+        return
+    prefix = _Prefix(path, size)
+    buf = bytearray(units.MiB)
+    pos = 0
+    try:
+        with memoryview(buf) as view:
+            while pos < size:
+                n = prefix.readinto(view)
+                fn(pos, view[:n])
+                pos += n
+    finally:
+        prefix.close()
 
 
 def continued(body: Reader, *, path: Path, offset: int,

@@ -33,7 +33,7 @@ from importer import errors, settings
 from importer import progress as progress_mod
 from importer.progress import Progress
 from importer.upload import body as body_mod
-from importer.upload import clone, localsocket
+from importer.upload import clone, localsocket, sparse
 from importer.upload.config import UploadConfig
 from importer.upload.uploads import DRAIN_LIMIT, HTTPError, Kind, Request, Route, Uploads
 
@@ -82,7 +82,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         log.info("HTTP client=%s %s", self.address_string(), format % args)
 
     def _reply(self, status: int, text: str = "", *, payload: dict[str, Any] | None = None,
-               content_type: str = "text/plain; charset=utf-8") -> None:
+               content_type: str = "text/plain; charset=utf-8",
+               headers: dict[str, str] | None = None) -> None:
         if self._replied:
             return
         self._replied = True
@@ -94,6 +95,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.send_header("X-Content-Type-Options", "nosniff")
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
@@ -144,7 +147,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         route = ROUTES.get(path)
         if path == "/healthz" or (route is not None and route.asynchronous):
             if path == "/healthz" or self._client_allowed():
-                self._reply(200)
+                # What a POST may carry besides a plain image: a client that sees
+                # the sparse stream here sends a raw image's data only.
+                accept = None if path == "/healthz" or self.server.config.clone else {
+                    "Accept-Post": f"application/octet-stream, {sparse.MEDIA_TYPE}"}
+                self._reply(200, headers=accept)
         else:
             self._reply(404)
 
@@ -215,6 +222,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if clone_mode:
             return Request(route=Route("clone", False), body=framed, length=length, offset=None,
                            checksum=None, boundary=b"")
+        media_type = h.get("Content-Type", "").partition(";")[0].strip().lower()
+        is_sparse = media_type == sparse.MEDIA_TYPE
+        if is_sparse and route.kind != "raw":
+            raise HTTPError(400, f"a {sparse.MEDIA_TYPE} body goes to /v1beta1/upload or "
+                                 "/v1beta1/upload-async (it carries a raw disk image)")
         boundary = b""
         if route.kind == "form":
             try:
@@ -222,7 +234,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             except body_mod.MalformedBody as e:
                 raise HTTPError(400, str(e)) from e
         return Request(route=route, body=framed, length=length, offset=offset,
-                       checksum=parse_checksum(h.get("X-Checksum")), boundary=boundary)
+                       checksum=parse_checksum(h.get("X-Checksum")), boundary=boundary,
+                       sparse=is_sparse)
 
 
 def parse_checksum(value: str | None) -> settings.Checksum | None:

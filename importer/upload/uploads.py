@@ -68,6 +68,7 @@ class Request:
     offset: int | None  # ?offset=N
     checksum: settings.Checksum | None  # X-Checksum
     boundary: bytes  # form endpoints
+    sparse: bool = False  # the body is a sparse stream (upload.sparse), not the image
 
 
 Reply = Callable[[int, str], None]
@@ -174,7 +175,8 @@ class Uploads:
                 reader, settings=s, target=tgt, progress=self._progress,
                 archive=kind == "archive", checksum=req.checksum,
                 length=req.length if kind == "raw" else None, offset=req.offset or 0,
-                tracker=self.tracker if kind == "raw" else None, received=received)
+                tracker=self.tracker if kind == "raw" else None, received=received,
+                sparse=req.sparse)
             try:
                 processor = Processor(source, settings=s, target=tgt, progress=self._progress)
                 processor.run()
@@ -186,7 +188,8 @@ class Uploads:
             return
         with self._cond:
             self._state = "done"
-            self._completed_offset = (req.offset or 0) + req.body.received
+            self._completed_offset = (source.image_end if source.image_end is not None
+                                      else (req.offset or 0) + req.body.received)
         log.info("UPLOAD complete seconds=%.2f bytes=%d", time.monotonic() - started,
                  req.body.received)
         if not answered:

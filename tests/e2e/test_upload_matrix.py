@@ -591,29 +591,42 @@ class UploadCutter:
 
 
 @pytest.mark.timeout(300)
-def test_resume_a_2gib_upload_cut_three_times(server: Server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stream", ["plain", "sparse"])
+def test_resume_a_2gib_upload_cut_three_times(server: Server, tmp_path: Path,
+                                              stream: str) -> None:
+    """Every byte (--no-sparse, as virtctl sends) or the data only (a sparse stream, the
+    default for a raw image): cut at 30, 60 and 95 % of what is sent, the upload goes on
+    where the server's durable offset is, and the volume equals the file."""
     size = 2 * GiB
     # ~200 MiB of data in ten extents spread over the 2 GiB.
     extents = [(i * 200 * MiB + 3 * MiB, 20 * MiB) for i in range(10)]
     big = images.make_raw(tmp_path / "big.raw", virtual_size=size, extents=extents, seed=11)
     proxy = proxy_of(server, tmp_path)
     proxy_port = int(proxy.url.rsplit(":", 1)[1])
-    points = [int(size * f) for f in (0.30, 0.60, 0.95)]
+    sent = size if stream == "plain" else 200 * MiB
+    points = [int(sent * f) for f in (0.30, 0.60, 0.95)]
+    flag = "--no-sparse" if stream == "plain" else "--sparse"
     started = time.monotonic()
     with UploadCutter(proxy_port, points) as relay:
         p = server.cli("image-upload", "dv", "cut", "--image-path", str(big), "--size", "2Gi",
-                       "--uploadproxy-url", f"https://127.0.0.1:{relay.port}")
+                       "--uploadproxy-url", f"https://127.0.0.1:{relay.port}", flag)
     elapsed = time.monotonic() - started
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout == "DataVolume default/cut Succeeded\n"
     assert relay.cuts == points, "every cut happened, once"
-    assert relay.sent >= size
+    assert relay.sent >= sent
+    if stream == "sparse":
+        assert "its data only (sparse stream)" in p.stderr
+        assert relay.sent < 2 * sent, "the holes were not sent"
+    else:
+        assert "sparse stream" not in p.stderr
     resumed = [int(line.split("continuing at byte ")[1].split()[0])
                for line in p.stderr.splitlines() if "continuing at byte " in line]
     assert len(resumed) == 3, p.stderr[-3000:]
     assert all(n > 0 for n in resumed), resumed
     assert resumed == sorted(resumed) and len(set(resumed)) == 3, resumed
-    # Each continuation starts at or before the point where its connection was cut.
-    assert all(n <= cut for n, cut in zip(resumed, points, strict=True)), (resumed, points)
+    if stream == "plain":
+        # Each continuation starts at or before the point where its connection was cut.
+        assert all(n <= cut for n, cut in zip(resumed, points, strict=True)), (resumed, points)
     assert qemu_img.compare(str(big), str(volume_of(server, "cut")))
     assert elapsed < 150, f"the upload took {elapsed:.0f} s"

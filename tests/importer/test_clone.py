@@ -32,7 +32,7 @@ import requests
 import trustme
 
 from importer import qemu_img
-from importer.upload import clone
+from importer.upload import clone, sparse
 from tests.importer.conftest import Volume
 from tests.support import images
 
@@ -375,18 +375,18 @@ def _post(target: Target, certs: Certs, body: bytes, *, cert: Path | None = None
 
 
 def _frame(offset: int, data: bytes) -> bytes:
-    return clone.FRAME.pack(offset, len(data)) + data
+    return sparse.FRAME.pack(offset, len(data)) + data
 
 
 SIZE = 64 * MiB
-HEAD = clone.encode_head(SIZE)
-END = clone.encode_end(SIZE)
+HEAD = sparse.encode_head(SIZE)
+END = sparse.encode_end(SIZE)
 DATA = b"\x5a" * 4096
 MALFORMED = {
     "magic": (b"NOTCLONE" + HEAD[8:] + END, "bad magic b'NOTCLONE'"),
-    "version": (clone.HEAD.pack(clone.MAGIC, 2, 0, SIZE) + END,
+    "version": (sparse.HEAD.pack(sparse.MAGIC, 2, 0, SIZE) + END,
                 "version 2 is not supported"),
-    "flags": (clone.HEAD.pack(clone.MAGIC, 1, 4, SIZE) + END, "unknown flags 0x4"),
+    "flags": (sparse.HEAD.pack(sparse.MAGIC, 1, 4, SIZE) + END, "unknown flags 0x4"),
     "short-header": (HEAD[:10], "the stream ended inside the stream header"),
     "beyond-end": (HEAD + _frame(SIZE - 2048, DATA) + END,
                    "frame 1 [67106816, 67110912) ends beyond the image size 67108864"),
@@ -398,7 +398,7 @@ MALFORMED = {
     "truncated": (HEAD + _frame(0, DATA)[:1000], "the stream ended inside frame 1 (offset 0)"),
     "no-end-frame": (HEAD + _frame(0, DATA), "the stream ended after frame 1 (offset 4096), "
                                              "before its end frame"),
-    "end-frame": (HEAD + _frame(0, DATA) + clone.encode_end(SIZE - 1),
+    "end-frame": (HEAD + _frame(0, DATA) + sparse.encode_end(SIZE - 1),
                   "the end frame says offset 67108863, expected the image size 67108864"),
     "after-end": (HEAD + _frame(0, DATA) + END + b"x", "data after the end frame"),
 }
