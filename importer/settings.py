@@ -4,8 +4,9 @@ KubeVirt CDI configures its importer pod through environment variables; we read
 the same names so a pod spec written for CDI works unchanged.  Four more
 variables replace CDI's fixed pod paths (``/data``, ``/dev/cdi-block-volume``,
 ``/scratch``, ``/dev/termination-log``) so the same worker runs as a plain
-subprocess next to ``cdi serve``.  A bad value fails here, naming the variable,
-instead of deep inside a transfer.
+subprocess next to ``cdi serve``; a fifth, ``IMPORTER_IMAGE_DIR``, names where a
+node-pull importer finds its image volume (``/containerdisk``).  A bad value
+fails here, naming the variable, instead of deep inside a transfer.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from importer import errors, units
 
 SourceKind = Literal["http", "registry", "s3", "none"]
 ContentType = Literal["kubevirt", "archive"]
+PullMethod = Literal["pod", "node"]
 
 SOURCES: tuple[str, ...] = ("http", "registry", "s3", "none")
 CHECKSUM_LENGTHS = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}
@@ -82,6 +84,10 @@ class Settings:
     registry_architecture: str = ""
     insecure_registry: bool = False
     docker_config: Path | None = None  # a .dockerconfigjson file (a pull secret's key)
+    # IMPORTER_PULL_METHOD (CDI's): "node" reads the image the kubelet mounted at image_dir
+    # (an OCI image volume) instead of pulling it from the registry.
+    pull_method: PullMethod = "pod"
+    image_dir: Path = Path("/containerdisk")
 
     @property
     def target_file(self) -> Path:
@@ -130,6 +136,14 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
                    "or oci-archive:<path>",
         )
 
+    pull_method = (get("IMPORTER_PULL_METHOD") or "pod").lower()
+    if pull_method not in ("pod", "node"):
+        raise errors.SettingsError(variable="IMPORTER_PULL_METHOD",
+                                   reason=f"{pull_method!r} is neither pod nor node")
+    if pull_method == "node" and not (source == "registry" and endpoint.startswith("docker://")):
+        raise errors.SettingsError(variable="IMPORTER_PULL_METHOD",
+                                   reason="node pull is for docker:// registry images")
+
     # CDI treats unknown content types as kubevirt.
     content_type: ContentType = (
         "archive" if (get("IMPORTER_CONTENTTYPE") or "").lower() == "archive" else "kubevirt"
@@ -166,6 +180,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         registry_architecture=get("IMPORTER_REGISTRY_IMAGE_ARCHITECTURE") or "",
         insecure_registry=_bool("IMPORTER_INSECURE_REGISTRY", get("IMPORTER_INSECURE_REGISTRY")),
         docker_config=_docker_config(get("IMPORTER_DOCKER_CONFIG")),
+        pull_method="node" if pull_method == "node" else "pod",
+        image_dir=Path(get("IMPORTER_IMAGE_DIR") or "/containerdisk"),
     )
 
 

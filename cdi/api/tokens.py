@@ -1,8 +1,10 @@
 """CDI's upload and clone tokens: short-lived PS256 JWTs naming one PVC.
 
-The API server issues a token for an ``UploadTokenRequest`` (and for
-cross-namespace clones); the upload proxy verifies it with the public half of
-the same key and learns from it which PVC the upload is for.  Both sides must
+The API server issues a token for an ``UploadTokenRequest`` (and, in the
+``datavolume-mutate`` webhook, for clones); the upload proxy verifies upload
+tokens with the public half of the same key and learns from them which PVC the
+upload is for, and the clone controller verifies clone tokens
+(:func:`check_clone`, used by ``cdi.controllers.clone.clonetoken``).  Both sides must
 agree on the exact format, and tokens issued by KubeVirt CDI must verify here
 (and ours there), so this module pins CDI's shape:
 
@@ -43,6 +45,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 __all__ = [
+    "ANN_CLONE_TOKEN",
     "CLONE",
     "ISSUER",
     "LEEWAY",
@@ -59,7 +62,9 @@ __all__ = [
     "TokenWrongIssuer",
     "TokenWrongOperation",
     "TokenWrongResource",
+    "TokenWrongTarget",
     "check",
+    "check_clone",
     "generate_key",
     "issue",
     "load_key",
@@ -73,6 +78,9 @@ ISSUER = "cdi-apiserver"
 
 UPLOAD = "Upload"
 CLONE = "Clone"
+
+ANN_CLONE_TOKEN = "cdi.kubevirt.io/storage.clone.token"  # noqa: S105 - an annotation's name
+"""Where the webhook puts a DataVolume's clone token (CDI's ``AnnCloneToken``)."""
 
 LEEWAY = 10
 """Seconds of clock skew tolerated on ``exp``, ``nbf`` and ``iat``, as CDI's proxy."""
@@ -107,6 +115,7 @@ class TokenError(Exception):
     +-- TokenWrongIssuer      signed by our key but for another issuer
     +-- TokenWrongOperation   valid, but for another operation (``check``)
     +-- TokenWrongResource    valid, but for another kind of object or object (``check``)
+    +-- TokenWrongTarget      a valid clone token, but for another target (``check_clone``)
     """
 
 
@@ -135,6 +144,10 @@ class TokenWrongOperation(TokenError):
 
 
 class TokenWrongResource(TokenError):
+    pass
+
+
+class TokenWrongTarget(TokenError):
     pass
 
 
@@ -416,3 +429,40 @@ def check(
     if (claims.namespace, claims.name) != (want_namespace, want_name):
         raise TokenWrongResource(
             f"token is for {claims.namespace}/{claims.name}, not {want_namespace}/{want_name}")
+
+
+def check_clone(
+    claims: Claims,
+    *,
+    source_namespace: str,
+    source_name: str,
+    resource: Resource,
+    target_namespace: str,
+    target_name: str,
+    target_uid: str = "",
+) -> None:
+    """Refuse ``claims`` unless they allow cloning the source into the target, as CDI.
+
+    CDI's ``validateTokenData``: operation ``Clone``, the source's namespace and
+    name, the resource's name (``persistentvolumeclaims`` or ``volumesnapshots``;
+    group and version are not compared), ``params.targetNamespace`` and
+    ``params.targetName``, and ``params.uid`` when the token has one.  Raises
+    :class:`TokenWrongOperation`, :class:`TokenWrongResource` or
+    :class:`TokenWrongTarget`; the messages name what the token is for, never
+    the token.
+    """
+    if claims.operation != CLONE:
+        raise TokenWrongOperation(f"token is for operation {claims.operation!r}, not {CLONE!r}")
+    if claims.resource.resource != resource.resource:
+        raise TokenWrongResource(
+            f"token is for resource {claims.resource.resource!r}, not {resource.resource!r}")
+    if (claims.namespace, claims.name) != (source_namespace, source_name):
+        raise TokenWrongResource(f"token is for source {claims.namespace}/{claims.name}, "
+                                 f"not {source_namespace}/{source_name}")
+    target = (claims.params.get("targetNamespace", ""), claims.params.get("targetName", ""))
+    if target != (target_namespace, target_name):
+        raise TokenWrongTarget(f"token is for target {target[0]}/{target[1]}, "
+                               f"not {target_namespace}/{target_name}")
+    uid = claims.params.get("uid", "")
+    if uid and uid != target_uid:
+        raise TokenWrongTarget(f"token is for target uid {uid}, not {target_uid}")

@@ -28,9 +28,6 @@ How the port maps onto the API:
   ``list`` of the same kind just returned takes that list's objects (the
   runtime's list-then-watch).  Any other watch raises ``Gone``, as the port
   says, and its caller relists.
-
-Worker Pods name their image by the worker's command (``cdi-importer``); given
-``pod_images``, ``create`` puts the deployment's image references there.
 """
 
 from __future__ import annotations
@@ -121,11 +118,8 @@ class KubeStore:
 
     def __init__(self, config: kube_config.Config, *, page_size: int = PAGE_SIZE,
                  watch_timeout: int = WATCH_TIMEOUT, request_timeout: float = 30.0,
-                 retry_delay: float = 1.0, pod_images: dict[str, str] | None = None,
-                 pull_policy: str | None = None) -> None:
+                 retry_delay: float = 1.0) -> None:
         self.config = config
-        self._pod_images = dict(pod_images or {})
-        self._pull_policy = pull_policy
         self._page_size = page_size
         self._watch_timeout = watch_timeout
         self._request_timeout = request_timeout
@@ -266,8 +260,6 @@ class KubeStore:
         if k.namespaced and not ns:
             raise errors.BadRequest(f"namespace is required for {k.kind}")
         body = {"apiVersion": k.api_version, **obj}
-        if k.kind == "Pod" and self._pod_images:
-            body = self._with_images(body)
         created = typed(k, await self._request("POST", self._path(k, ns), body=body))
         if k.kind in STATUS_SUBRESOURCE and obj.get("status") and \
                 created.get("status") != obj["status"]:
@@ -319,21 +311,6 @@ class KubeStore:
                 meta["namespace"] = namespace
             return {"apiVersion": k.api_version, "kind": k.kind, "metadata": meta}
         return typed(k, answer)
-
-    def _with_images(self, pod: Obj) -> Obj:
-        """The controllers name a worker's image by its command (``cdi-importer``); on a
-        cluster that is the deployment's image (``IMPORTER_IMAGE`` and the like)."""
-        spec = dict(pod.get("spec") or {})
-        containers = []
-        for c in spec.get("containers") or ():
-            image = self._pod_images.get(str(c.get("image", "")))
-            if image:
-                c = dict(c, image=image)
-                if self._pull_policy:
-                    c["imagePullPolicy"] = self._pull_policy
-            containers.append(c)
-        spec["containers"] = containers
-        return dict(pod, spec=spec)
 
     def _target(self, obj: Obj) -> tuple[Kind, str | None, str]:
         k = kind_of(obj.get("kind"))

@@ -9,10 +9,13 @@ way the chart deploys it (``cdi/manifests/workloads.py``):
 - **Serving certificate.**  With ``CDI_CERTIFICATES=cert-manager`` it is read
   from ``--cert-dir`` (``tls.crt``, ``tls.key``; cert-manager's injector fills
   the CA bundles).  With ``generate`` (the default) a CA is kept in the Secret
-  ``cdi-apiserver-signer``, a serving certificate for the ``cdi-api`` Service
-  is issued from it at start and again every ``--rotate-hours`` (new
-  connections get the new one), and the CA is written into the APIService and
-  the webhook configurations' ``caBundle`` so kube-apiserver trusts us.
+  ``cdi-apiserver-signer`` and replaced near its end (``--ca-duration``,
+  ``--ca-renew-before``; ``cdi/cli/certrotation.py``), its bundle (the current
+  CA and the older ones until they expire) is written into the APIService and
+  the webhook configurations' ``caBundle`` so kube-apiserver trusts us across a
+  rotation, and a serving certificate for the ``cdi-api`` Service is issued from
+  the newest CA for ``--server-duration`` and again ``--server-renew-before``
+  its end (new connections get the new one).
 - **Front proxy.**  Who may vouch for requesters comes from the ConfigMap
   ``kube-system/extension-apiserver-authentication``, as for any aggregated
   API server (read at start; its CA changes rarely, and a restart picks it up).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import logging
 import signal
 import ssl
@@ -34,19 +38,18 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from cdi.api import errors, pki
+from cdi.api import certconfig, errors, pki
 from cdi.apiserver import kubeapi, review
 from cdi.backends import kube_config
 from cdi.backends.kube import KubeStore
 from cdi.backends.port import ObjectStore
-from cdi.cli.controller import signer
+from cdi.cli import certrotation
 from cdi.manifests import rbac as manifest_rbac
 from cdi.manifests import workloads
 
 log = logging.getLogger("cdi.apiserver")
 
 SIGNER = "cdi-apiserver-signer"
-SERVING_DAYS = 7
 
 
 async def signing_key(store: ObjectStore, namespace: str) -> rsa.RSAPrivateKey:
@@ -116,31 +119,56 @@ class Serving:
     """The serving certificate: loaded once (cert-manager) or issued and re-issued."""
 
     def __init__(self, context: ssl.SSLContext, workdir: Path, ca: pki.Signer | None,
-                 namespace: str) -> None:
+                 namespace: str, *, certs: certconfig.CertConfig | None = None) -> None:
         self.context = context
         self._workdir = workdir
         self._ca = ca
         self._namespace = namespace
+        self._certs = certs or certconfig.CertConfig()
+        self.cert_pem = b""
 
-    def issue(self) -> None:
+    def issue(self, now: datetime.datetime | None = None) -> None:
         assert self._ca is not None
-        issued = self._ca.issue(workloads.API_SERVICE_NAME,
-                                hosts=service_hosts(self._namespace), days=SERVING_DAYS)
+        issued = self._ca.issue(workloads.API_SERVICE_NAME, hosts=service_hosts(self._namespace),
+                                lifetime=self._certs.server.duration, now=now)
         cert, key = self._workdir / "tls.crt", self._workdir / "tls.key"
         pki.write_private(key, issued.key_pem)
         cert.write_bytes(issued.cert_pem)
         self.context.load_cert_chain(str(cert), str(key))
+        self.cert_pem = issued.cert_pem
         log.info("serving certificate issued for %s", ", ".join(service_hosts(self._namespace)))
 
-    async def rotate(self, every: float) -> None:
+    async def refresh(self, store: ObjectStore, now: datetime.datetime) -> datetime.datetime:
+        """One look: rotate the CA if due (and publish the changed bundle), re-issue the
+        serving certificate if due; when the next look is due."""
+        assert self._ca is not None
+        bundle = self._ca.bundle_pem
+        await certrotation.signer(store, self._namespace, SIGNER, self._workdir,
+                                  lifetime=self._certs.ca, now=now, into=self._ca)
+        if self._ca.bundle_pem != bundle:
+            await inject_ca(store, self._ca.bundle_pem)
+        due = certrotation.leaf_due(self.cert_pem, self._ca, self._certs.server, now)
+        if due is None:
+            self.issue(now)
+            due = self._certs.server.renew_at(now + self._certs.server.duration)
+        return min(due, certrotation.next_due(self._ca, self._certs.ca))
+
+    async def rotate(self, store: ObjectStore, due: datetime.datetime,
+                     clock: certrotation.Clock = certrotation.utcnow) -> None:
+        """``refresh`` whenever something is due, until cancelled."""
         while self._ca is not None:
-            await asyncio.sleep(every)
-            self.issue()
+            await asyncio.sleep(certrotation.wait_for(due, self._certs, clock()))
+            now = clock()
+            try:
+                due = await self.refresh(store, now)
+            except errors.APIError as e:
+                log.warning("rotating the serving certificate: %s", e.message)
+                due = now + certrotation.RETRY
 
 
 async def run(*, kubeconfig: Path | None, context: str | None, namespace: str | None,
-              address: str, certificates: str, cert_dir: Path, rotate_hours: float,
-              stop: asyncio.Event) -> None:
+              address: str, certificates: str, cert_dir: Path,
+              certs: certconfig.CertConfig | None = None, stop: asyncio.Event) -> None:
     config = kube_config.load(kubeconfig, context)
     ns = namespace or config.namespace
     async with KubeStore(config) as store:
@@ -148,16 +176,20 @@ async def run(*, kubeconfig: Path | None, context: str | None, namespace: str | 
         auth = await store.get("ConfigMap", kubeapi.AUTH_CONFIGMAP[1], kubeapi.AUTH_CONFIGMAP[0])
         headers = kubeapi.RequestHeaderConfig.from_configmap(auth)
         with tempfile.TemporaryDirectory(prefix="cdi-apiserver-") as tmp:
+            rotating: asyncio.Future[None] | None = None
             if certificates == "cert-manager":
                 ctx = kubeapi.server_context(str(cert_dir / "tls.crt"),
                                              str(cert_dir / "tls.key"), headers)
-                serving = Serving(ctx, Path(tmp), None, ns)
             else:
-                ca = await signer(store, ns, SIGNER, Path(tmp))
+                certs = certs or certconfig.CertConfig()
+                now = certrotation.utcnow()
+                ca = await certrotation.signer(store, ns, SIGNER, Path(tmp), lifetime=certs.ca,
+                                               now=now)
                 ctx = kubeapi.server_context_without_cert(headers)
-                serving = Serving(ctx, Path(tmp), ca, ns)
-                serving.issue()
-                await inject_ca(store, ca.cert_pem)
+                serving = Serving(ctx, Path(tmp), ca, ns, certs=certs)
+                await inject_ca(store, ca.bundle_pem)
+                due = await serving.refresh(store, now)
+                rotating = asyncio.ensure_future(serving.rotate(store, due))
             app = kubeapi.create_kube_app(store, key=key,
                                           reviewer=review.StoreReviewer(store), config=headers)
             runner = web.AppRunner(app, access_log=None)
@@ -167,11 +199,11 @@ async def run(*, kubeconfig: Path | None, context: str | None, namespace: str | 
                               ssl_context=ctx).start()
             log.info("LISTEN address=%s certificates=%s namespace=%s", address, certificates,
                      ns)
-            rotating = asyncio.ensure_future(serving.rotate(rotate_hours * 3600))
             try:
                 await stop.wait()
             finally:
-                rotating.cancel()
+                if rotating is not None:
+                    rotating.cancel()
                 await runner.cleanup()
 
 
@@ -189,11 +221,10 @@ async def run(*, kubeconfig: Path | None, context: str | None, namespace: str | 
 @click.option("--cert-dir", type=click.Path(path_type=Path, file_okay=False),
               default=Path("/var/run/certs/server"), show_default=True,
               help="tls.crt and tls.key, with --certificates cert-manager.")
-@click.option("--rotate-hours", type=float, default=24.0, show_default=True,
-              help="Re-issue the generated serving certificate this often.")
+@certrotation.lifetime_options
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 def apiserver(kubeconfig: Path | None, context: str | None, namespace: str | None,
-              address: str, certificates: str, cert_dir: Path, rotate_hours: float,
+              address: str, certificates: str, cert_dir: Path, certs: certconfig.CertConfig,
               verbose: bool) -> None:
     """Serve upload.cdi.kubevirt.io and the admission webhooks on a Kubernetes cluster."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -206,7 +237,7 @@ def apiserver(kubeconfig: Path | None, context: str | None, namespace: str | Non
             loop.add_signal_handler(sig, stop.set)
         await run(kubeconfig=kubeconfig, context=context, namespace=namespace,
                   address=address, certificates=certificates, cert_dir=cert_dir,
-                  rotate_hours=rotate_hours, stop=stop)
+                  certs=certs, stop=stop)
     try:
         asyncio.run(main())
     except (kube_config.ConfigError, ValueError) as e:

@@ -11,17 +11,21 @@ as followers); it releases the Lease on SIGTERM so a successor starts at once,
 and exits non-zero if it loses the Lease, for the Deployment to restart it.
 The upload servers' signers live in Secrets of the install namespace (made by
 the first controller that needs them), so every replica issues certificates
-from the same CAs.  ``/healthz``, ``/readyz`` and ``/metrics`` answer over HTTPS
-on ``--health-address``.  Worker Pods get the images named by ``IMPORTER_IMAGE``,
-``UPLOADSERVER_IMAGE`` and ``CLONER_IMAGE`` (the chart sets them).
+from the same CAs; ``cdi/cli/certrotation.py`` keeps them, their CA bundles and
+the proxy's certificates within the lifetimes of ``--ca-duration`` and friends
+(the chart's ``certificates.ca`` and ``certificates.server``).  ``/healthz``,
+``/readyz`` and ``/metrics`` answer over HTTPS on ``--health-address``.  Worker
+Pods get the images named by ``IMPORTER_IMAGE``, ``UPLOADSERVER_IMAGE`` and
+``CLONER_IMAGE`` (the chart sets them).  Clones across
+namespaces wait for a valid clone token, checked with the apiserver's public key
+in ``APISERVER_PUBLIC_KEY`` (the chart sets it from the Secret ``cdi-api-signing-key``;
+the command does not start without it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
-import datetime
 import functools
 import logging
 import os
@@ -30,20 +34,26 @@ import socket
 import ssl
 import tempfile
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import click
 import prometheus_client
 from aiohttp import web
-from cryptography import x509
 
-from cdi.api import errors, pki
+from cdi.api import certconfig, pki, tokens
 from cdi.apiserver import review
 from cdi.backends import kube_config
 from cdi.backends.kube import KubeStore
 from cdi.backends.kube_lease import LeaderElector, LostLeadership
-from cdi.backends.port import Obj, ObjectStore
+from cdi.cli import certrotation
+from cdi.cli.certrotation import CLIENT_CERT as CLIENT_CERT
+from cdi.cli.certrotation import CLIENT_SIGNER as CLIENT_SIGNER
+from cdi.cli.certrotation import PROXY_CERT as PROXY_CERT
+from cdi.cli.certrotation import PROXY_SIGNER as PROXY_SIGNER
+from cdi.cli.certrotation import SERVER_SIGNER as SERVER_SIGNER
+from cdi.cli.certrotation import SERVER_SIGNER_BUNDLE as SERVER_SIGNER_BUNDLE
+from cdi.cli.certrotation import publish_upload_pki as publish_upload_pki
+from cdi.cli.certrotation import signer as signer
 from cdi.controllers.clone.controller import CloneController
 from cdi.controllers.dataimportcron import DataImportCronController
 from cdi.controllers.datasource import DataSourceController
@@ -51,19 +61,11 @@ from cdi.controllers.datavolume import DataVolumeController, UploadTLS
 from cdi.controllers.runtime import Runtime
 from cdi.controllers.storageprofile import CDIConfigController, StorageProfileController
 from cdi.controllers.uploadclaim import UploadClaimController
+from cdi.controllers.workers import CLUSTER, Workers
 
 log = logging.getLogger("cdi.controller")
 
 LEASE_NAME = "cdi-controller-leader-election-helper"
-SERVER_SIGNER = "cdi-uploadserver-signer"
-CLIENT_SIGNER = "cdi-uploadserver-client-signer"
-PROXY_SIGNER = "cdi-uploadproxy-signer"
-SERVER_SIGNER_BUNDLE = "cdi-uploadserver-signer-bundle"
-CLIENT_CERT = "cdi-uploadserver-client-cert"
-PROXY_CERT = "cdi-uploadproxy-server-cert"
-PROXY_CERT_DAYS = 90  # the proxy's certificates; renewed when less than RENEW_BEFORE is left
-RENEW_BEFORE = datetime.timedelta(days=30)
-RENEW_CHECK = 12 * 3600.0  # seconds between looks at the proxy's certificates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,110 +81,13 @@ class Options:
     upload_proxy_url: str = ""
     health_address: str = ""  # host:port of HTTPS /healthz, /readyz, /metrics; "" for none
     max_parallel: int = 32
-    images: dict[str, str] = dataclasses.field(default_factory=dict)  # command -> image
-    pull_policy: str | None = None
-
-
-async def signer(store: ObjectStore, namespace: str, name: str, workdir: Path) -> pki.Signer:
-    """The CA kept in Secret ``name``; made (by whoever comes first) if missing."""
-    directory = workdir / name
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for _ in range(3):
-        try:
-            secret = await store.get("Secret", name, namespace)
-        except errors.NotFound:
-            made = pki.Signer(directory, name)
-            key = (directory / "ca.key").read_bytes()
-            try:
-                await store.create({
-                    "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-                    "metadata": {"name": name, "namespace": namespace,
-                                 "labels": {"app": "containerized-data-importer"}},
-                    "data": {"tls.crt": base64.b64encode(made.cert_pem).decode(),
-                             "tls.key": base64.b64encode(key).decode()}})
-                return made
-            except errors.AlreadyExists:
-                for f in ("ca.crt", "ca.key"):
-                    (directory / f).unlink(missing_ok=True)
-                continue  # another replica won: use its CA
-        data = secret.get("data") or {}
-        pki.write_private(directory / "ca.key", base64.b64decode(data["tls.key"]))
-        (directory / "ca.crt").write_bytes(base64.b64decode(data["tls.crt"]))
-        return pki.Signer(directory, name)
-    raise RuntimeError(f"Secret {namespace}/{name} keeps changing")
-
-
-async def publish_upload_pki(store: ObjectStore, namespace: str, server_signer: pki.Signer,
-                             client_signer: pki.Signer, workdir: Path) -> str:
-    """What the upload proxy needs of the upload servers' PKI, made if missing; the CA of
-    the proxy's serving certificate ("" when cert-manager makes it).
-
-    The ConfigMap ``cdi-uploadserver-signer-bundle`` (``ca-bundle.crt``: the CA that
-    signs upload servers, which the proxy verifies them against); unless cert-manager
-    makes them (``CDI_CERTIFICATES=cert-manager``), the proxy's client certificate
-    ``cdi-uploadserver-client-cert`` (from the client signer) and its serving
-    certificate ``cdi-uploadproxy-server-cert`` (from ``cdi-uploadproxy-signer``).
-    """
-    labels = {"app": "containerized-data-importer"}
-    data = {"ca-bundle.crt": server_signer.cert_pem.decode()}
-    try:
-        await store.create({"apiVersion": "v1", "kind": "ConfigMap",
-                            "metadata": {"name": SERVER_SIGNER_BUNDLE, "namespace": namespace,
-                                         "labels": labels},
-                            "data": data})
-    except errors.AlreadyExists:
-        current = await store.get("ConfigMap", SERVER_SIGNER_BUNDLE, namespace)
-        if current.get("data") != data:
-            current["data"] = data
-            await store.replace(current)
-    if os.environ.get("CDI_CERTIFICATES", "generate") == "cert-manager":
-        return ""
-    proxy_signer = await signer(store, namespace, PROXY_SIGNER, workdir)
-    svc = "cdi-uploadproxy"
-    wanted: tuple[tuple[str, Callable[[], pki.Issued]], ...] = (
-        (CLIENT_CERT, lambda: client_signer.issue(pki.UPLOAD_CLIENT_NAME, client=True,
-                                                  days=PROXY_CERT_DAYS)),
-        (PROXY_CERT, lambda: proxy_signer.issue(svc, days=PROXY_CERT_DAYS, hosts=(
-            svc, f"{svc}.{namespace}", f"{svc}.{namespace}.svc",
-            f"{svc}.{namespace}.svc.cluster.local"))),
-    )
-    for name, issue in wanted:
-        secret: Obj | None
-        try:
-            secret = await store.get("Secret", name, namespace)
-        except errors.NotFound:
-            secret = None
-        if secret is not None and not _expiring(secret):
-            continue  # made before (by us, another replica, or cert-manager), still good
-        issued = issue()
-        data = {"tls.crt": base64.b64encode(issued.cert_pem).decode(),
-                "tls.key": base64.b64encode(issued.key_pem).decode(),
-                "ca.crt": base64.b64encode(issued.ca_pem).decode()}
-        try:
-            if secret is None:
-                await store.create({
-                    "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-                    "metadata": {"name": name, "namespace": namespace, "labels": labels},
-                    "data": data})
-                log.info("created Secret %s/%s", namespace, name)
-            else:
-                secret["data"] = data
-                await store.replace(secret)
-                log.info("renewed Secret %s/%s", namespace, name)
-        except (errors.AlreadyExists, errors.Conflict):
-            pass  # another replica was quicker
-    return proxy_signer.cert_pem.decode()
-
-
-def _expiring(secret: Obj) -> bool:
-    """Whether the certificate in SECRET is unreadable or within RENEW_BEFORE of its end."""
-    try:
-        cert = x509.load_pem_x509_certificate(
-            base64.b64decode((secret.get("data") or {})["tls.crt"]))
-    except (KeyError, ValueError):
-        return True
-    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
-    return left < RENEW_BEFORE
+    # The worker Pods' images and pull policy; a cluster mounts images as volumes (node pull).
+    workers: Workers = CLUSTER
+    # PEM of the apiserver's token key (public half): clone tokens are checked with it.
+    # Empty checks none (tests); the command refuses to start without one.
+    apiserver_public_key: str = ""
+    # Lifetimes of the generated CAs and certificates (CDI's spec.certConfig).
+    certs: certconfig.CertConfig = dataclasses.field(default_factory=certconfig.CertConfig)
 
 
 async def run(options: Options, stop: asyncio.Event) -> None:
@@ -192,8 +97,7 @@ async def run(options: Options, stop: asyncio.Event) -> None:
     identity = options.identity or f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
     health = await _health(options.health_address)
     try:
-        async with KubeStore(config, pod_images=options.images,
-                             pull_policy=options.pull_policy) as store:
+        async with KubeStore(config) as store:
             elector = LeaderElector(store, name=options.lease_name, namespace=namespace,
                                     identity=identity, lease_duration=options.lease_duration,
                                     renew_deadline=options.renew_deadline,
@@ -224,20 +128,28 @@ async def run(options: Options, stop: asyncio.Event) -> None:
 async def _reconcile(store: KubeStore, namespace: str, options: Options,
                      stop: asyncio.Event) -> None:
     with tempfile.TemporaryDirectory(prefix="cdi-controller-") as tmp:
-        server_signer = await signer(store, namespace, SERVER_SIGNER, Path(tmp))
-        client_signer = await signer(store, namespace, CLIENT_SIGNER, Path(tmp))
-        upload_tls = UploadTLS(signer=server_signer, client_ca_pem=client_signer.cert_pem)
-        proxy_ca = await publish_upload_pki(store, namespace, server_signer, client_signer,
-                                            Path(tmp))
+        lifetime = certrotation.ca_lifetime(options.certs)
+        server_signer = await signer(store, namespace, SERVER_SIGNER, Path(tmp),
+                                     lifetime=lifetime)
+        client_signer = await signer(store, namespace, CLIENT_SIGNER, Path(tmp),
+                                     lifetime=lifetime)
+        upload_tls = UploadTLS(signer=server_signer, client_signer=client_signer)
+        published = await certrotation.rotate_upload_pki(
+            store, namespace, server_signer, client_signer, Path(tmp), certs=options.certs)
         cdiconfig = CDIConfigController(store, upload_proxy_url=options.upload_proxy_url,
-                                        upload_proxy_ca=proxy_ca)
+                                        upload_proxy_ca=published.proxy_ca)
         await cdiconfig.ensure()
-        datavolumes = DataVolumeController(store, upload_tls=upload_tls, backend="Kubernetes")
+        datavolumes = DataVolumeController(store, upload_tls=upload_tls, backend="Kubernetes",
+                                           workers=options.workers)
+        token_key = tokens.load_public_key(options.apiserver_public_key.encode()) \
+            if options.apiserver_public_key else None
         clones = CloneController(store, upload_tls=upload_tls, client_signer=client_signer,
-                                 service_addresses=True)
+                                 service_addresses=True, token_key=token_key,
+                                 workers=options.workers)
         runtime = Runtime(store, max_parallel=options.max_parallel)
         for controller in (datavolumes, clones,
-                           UploadClaimController(store, upload_tls=upload_tls),
+                           UploadClaimController(store, upload_tls=upload_tls,
+                                                 workers=options.workers),
                            StorageProfileController(store), cdiconfig,
                            DataSourceController(store), DataImportCronController(
                                store, authorize_clone=functools.partial(
@@ -245,16 +157,13 @@ async def _reconcile(store: KubeStore, namespace: str, options: Options,
             runtime.add(controller)
         await runtime.start()
 
-        async def renew() -> None:
-            while True:
-                await asyncio.sleep(RENEW_CHECK)
-                try:
-                    await publish_upload_pki(store, namespace, server_signer, client_signer,
-                                             Path(tmp))
-                except errors.APIError as e:
-                    log.warning("renewing the upload proxy's certificates: %s", e.message)
+        def proxy_ca_changed(ca: str) -> None:
+            if cdiconfig.set_upload_proxy_ca(ca):
+                runtime.enqueue(cdiconfig.name, ("", "config"))
 
-        renewing = asyncio.ensure_future(renew())
+        renewing = asyncio.ensure_future(certrotation.keep_rotating(
+            store, namespace, server_signer, client_signer, Path(tmp), certs=options.certs,
+            due=published.next_due, on_proxy_ca=proxy_ca_changed))
         try:
             await stop.wait()
         finally:
@@ -326,23 +235,37 @@ async def _main(options: Options) -> None:
 @click.option("--cloner-image", envvar="CLONER_IMAGE", default="",
               help="Image of clone source Pods ($CLONER_IMAGE).")
 @click.option("--pull-policy", envvar="PULL_POLICY", default=None,
+              type=click.Choice(["Always", "IfNotPresent", "Never"]),
               help="imagePullPolicy of worker Pods ($PULL_POLICY).")
+@certrotation.lifetime_options
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 def controller(backend: str, kubeconfig: Path | None, context: str | None,
                namespace: str | None, identity: str, lease_name: str, upload_proxy_url: str,
                health_address: str, importer_image: str, uploadserver_image: str,
-               cloner_image: str, pull_policy: str | None, verbose: bool) -> None:
+               cloner_image: str, pull_policy: str | None, certs: certconfig.CertConfig,
+               verbose: bool) -> None:
     """Run the controllers against a Kubernetes cluster (one leader at a time)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    public_key = os.environ.get("APISERVER_PUBLIC_KEY", "")
+    if not public_key:
+        raise click.ClickException("APISERVER_PUBLIC_KEY is empty: the controller cannot "
+                                   "verify clone tokens (it comes from Secret "
+                                   "cdi-api-signing-key)")
+    try:
+        tokens.load_public_key(public_key.encode())
+    except ValueError as e:
+        raise click.ClickException(f"APISERVER_PUBLIC_KEY is not an RSA public key: {e}") \
+            from e
     options = Options(kubeconfig=kubeconfig, context=context, namespace=namespace,
                       identity=identity, lease_name=lease_name,
                       upload_proxy_url=upload_proxy_url, health_address=health_address,
-                      images={command: image for command, image in (
-                          ("cdi-importer", importer_image),
-                          ("cdi-uploadserver", uploadserver_image),
-                          ("cdi-clone-source", cloner_image)) if image},
-                      pull_policy=pull_policy or None)
+                      workers=Workers(**{field: image for field, image in (
+                          ("importer_image", importer_image),
+                          ("uploadserver_image", uploadserver_image),
+                          ("cloner_image", cloner_image)) if image},
+                          pull_policy=pull_policy or None, image_volumes=True),
+                      apiserver_public_key=public_key, certs=certs)
     try:
         asyncio.run(_main(options))
     except kube_config.ConfigError as e:

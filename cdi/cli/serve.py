@@ -98,7 +98,7 @@ async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | N
                        max_running=max_workers)
     provisioner = storage.Provisioner(store, volumes)
     upload_tls = UploadTLS(signer=upload_pki.server_signer,
-                           client_ca_pem=upload_pki.client_signer.cert_pem)
+                           client_signer=upload_pki.client_signer)
     datavolumes = DataVolumeController(store, upload_tls=upload_tls)
     runtime = Runtime(store)
     clones = CloneController(store, upload_tls=upload_tls,

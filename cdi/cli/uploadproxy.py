@@ -19,8 +19,8 @@ as the chart deploys it (``cdi/manifests/workloads.py``):
   against the ConfigMap ``cdi-uploadserver-signer-bundle`` that the
   controller publishes.  Every minute the bundle is re-read and the certificate
   files are looked at, so a renewed CA or certificate is picked up without a
-  restart (the controller renews the proxy's certificates 30 days before they
-  end).
+  restart (the controller renews the proxy's certificates and CAs ahead of their
+  end: ``certificates.*.renewBefore``, ``cdi/cli/certrotation.py``).
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ import aiohttp
 from cdi.api import defaults, pki
 from cdi.api import errors as api_errors
 from cdi.backends.port import Obj, ObjectStore
-from cdi.controllers import events, importpod
+from cdi.controllers import events, imagevolume, importpod
 from cdi.controllers.runtime import Key, Mapper, Result, TemporaryError, owner_keys
+from cdi.controllers.workers import EMBEDDED, Workers
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,16 @@ RATE_WINDOW = 1.0  # seconds: the shortest interval a transfer rate is measured 
 @dataclasses.dataclass(frozen=True)
 class UploadTLS:
     """What upload servers get for mutual TLS: a signer for their serving
-    certificates, and the CA of the clients (the proxy) they accept."""
+    certificates, and the signer of the clients (the proxy) they accept."""
 
     signer: pki.Signer
-    client_ca_pem: bytes
+    client_signer: pki.Signer
+
+    @property
+    def client_ca_pem(self) -> bytes:
+        """The client CAs an upload server accepts: the client signer's bundle (the
+        current CA and, during a rotation, the one before; cdi/cli/certrotation.py)."""
+        return self.client_signer.bundle_pem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,10 +125,11 @@ class DataVolumeController:
     kind = "DataVolume"
 
     def __init__(self, store: ObjectStore, *, upload_tls: UploadTLS | None = None,
-                 backend: str = "embedded") -> None:
+                 backend: str = "embedded", workers: Workers = EMBEDDED) -> None:
         self._store = store
         self._upload_tls = upload_tls
         self._backend = backend  # named in refusals of what this backend cannot do
+        self._workers = workers  # the worker Pods' images (cdi.controllers.workers)
         self._session: aiohttp.ClientSession | None = None
         # dv uid -> (time, bytes read) of the last rate sample, and the rate then
         self._samples: dict[str, tuple[float, int, float | None]] = {}
@@ -152,12 +160,10 @@ class DataVolumeController:
             await self._set_status(dv, phase="Pending", bound=NO_PVC, running=(
                 "False", "UnsupportedSource", f"source {what} is not supported yet"))
             return None
-        if source == "registry" and \
-                (dv["spec"]["source"]["registry"] or {}).get("pullMethod") == "node":
-            await self._set_status(dv, phase="Pending", bound=NO_PVC, running=(
-                "False", "UnsupportedSource",
-                f"registry pullMethod node is not supported on the {self._backend} backend; "
-                "use pullMethod pod (the default)"))
+        refused = imagevolume.refusal(dv, backend=self._backend, workers=self._workers)
+        if refused is not None:
+            await self._set_status(dv, phase="Pending", bound=NO_PVC,
+                                   running=("False", "UnsupportedSource", refused))
             return None
         pvc = await self._get("PersistentVolumeClaim", name, ns)
         if pvc is None:
@@ -279,11 +285,10 @@ class DataVolumeController:
             # cdi serve stopped between creating the pod and its scratch claim.
             config = await self._config()
             await self._create_scratch(pvc, pod, config.get("status", {}))
-        waiting = cs.get("state", {}).get("waiting", {})
-        if waiting.get("reason") == "CreateContainerConfigError":
-            await self._set_status(dv, phase=op.scheduled, bound=bound_cond,
-                                   running=("False", waiting["reason"], waiting.get("message", "")),
-                                   warn=waiting.get("message"))
+        waiting = importpod.waiting(cs)
+        if waiting is not None:
+            await self._set_status(dv, phase=op.scheduled, bound=bound_cond, running=waiting,
+                                   warn=waiting[2])
             return None
         scheduled = {c.get("type"): c for c in status.get("conditions", [])}.get("PodScheduled")
         if scheduled is not None and scheduled.get("status") == "False":
@@ -324,8 +329,9 @@ class DataVolumeController:
 
     async def _missing_pull_secret(self, dv: Obj) -> str | None:
         registry = (dv["spec"].get("source") or {}).get("registry") or {}
-        name = registry.get("secretRef")
-        if not name or await self._get("Secret", name, dv["metadata"]["namespace"]):
+        name = registry.get("secretRef")  # unused by a node pull (imagevolume)
+        if not name or imagevolume.wanted(dv) or \
+                await self._get("Secret", name, dv["metadata"]["namespace"]):
             return None
         return f'secret "{name}" not found'
 
@@ -440,13 +446,14 @@ class DataVolumeController:
                         pass
             pod = importpod.upload_pod_spec(dv, pvc, block=block, overhead=overhead,
                                             preallocation=preallocation, resources=resources,
-                                            tls_secret=tls_secret)
+                                            workers=self._workers, tls_secret=tls_secret)
             scratch = True  # uploads always get scratch space, as in CDI
         else:
             proxy = status.get("importProxy", {}) or {}
-            pod = importpod.pod_spec(
+            build = imagevolume.pod_spec if imagevolume.wanted(dv) else importpod.pod_spec
+            pod = build(
                 dv, pvc, block=block, overhead=overhead, preallocation=preallocation,
-                scratch=scratch,
+                scratch=scratch, workers=self._workers,
                 proxy={"http_proxy": proxy.get("HTTPProxy", ""),
                        "https_proxy": proxy.get("HTTPSProxy", ""),
                        "no_proxy": proxy.get("noProxy", "")},

@@ -20,6 +20,7 @@ import aiohttp
 
 from cdi.api import defaults, pki
 from cdi.backends.port import Obj, ObjectStore
+from cdi.controllers.workers import IMPORTER, UPLOADSERVER, Workers
 from importer import space, units
 
 ANN = "cdi.kubevirt.io/"
@@ -187,27 +188,28 @@ def registry_host(url: str) -> str:
 
 def pod_spec(dv: Obj, pvc: Obj, *, block: bool, overhead: float, preallocation: bool,
              scratch: bool, proxy: dict[str, str], resources: dict[str, Any],
-             insecure_registries: tuple[str, ...] = ()) -> Obj:
+             workers: Workers, insecure_registries: tuple[str, ...] = ()) -> Obj:
     env = source_env(dv, insecure_registries=insecure_registries) + [
         {"name": "IMPORTER_IMAGE_SIZE",
          "value": str(pvc["spec"]["resources"]["requests"]["storage"])},
     ] + [{"name": k, "value": v} for k, v in sorted(proxy.items()) if v]
-    return _worker_pod(dv, pvc, name=pod_name(pvc["metadata"]["name"]), command="cdi-importer",
-                       env=env, block=block, overhead=overhead, preallocation=preallocation,
-                       scratch=scratch, resources=resources, component="importer")
+    return _worker_pod(dv, pvc, name=pod_name(pvc["metadata"]["name"]), workers=workers,
+                       command=IMPORTER, env=env, block=block, overhead=overhead,
+                       preallocation=preallocation, scratch=scratch, resources=resources,
+                       component="importer")
 
 
 def upload_pod_spec(dv: Obj, pvc: Obj, *, block: bool, overhead: float, preallocation: bool,
-                    resources: dict[str, Any], tls_secret: str | None = None,
-                    scratch: bool = True) -> Obj:
+                    resources: dict[str, Any], workers: Workers,
+                    tls_secret: str | None = None, scratch: bool = True) -> Obj:
     """The upload server pod (``cdi-upload-<claim>``): it listens for one upload."""
     env = [{"name": "UPLOAD_IMAGE_SIZE",
             "value": str(pvc["spec"]["resources"]["requests"]["storage"])},
            {"name": "LISTEN_PORT", "value": "8443"}]
     if block:  # CDI names the device for block targets (ours finds it by IMPORTER_BLOCK_PATH)
         env.append({"name": "DESTINATION", "value": "/dev/cdi-block-volume"})
-    pod = _worker_pod(dv, pvc, name=upload_pod_name(pvc["metadata"]["name"]),
-                      command="cdi-uploadserver", env=env, block=block, overhead=overhead,
+    pod = _worker_pod(dv, pvc, name=upload_pod_name(pvc["metadata"]["name"]), workers=workers,
+                      command=UPLOADSERVER, env=env, block=block, overhead=overhead,
                       preallocation=preallocation, scratch=scratch, resources=resources,
                       component="cdi-upload-server")
     container = pod["spec"]["containers"][0]
@@ -233,9 +235,10 @@ def upload_pod_spec(dv: Obj, pvc: Obj, *, block: bool, overhead: float, prealloc
     return pod
 
 
-def _worker_pod(dv: Obj, pvc: Obj, *, name: str, command: str, env: list[dict[str, Any]],
-                block: bool, overhead: float, preallocation: bool, scratch: bool,
-                resources: dict[str, Any], component: str) -> Obj:
+def _worker_pod(dv: Obj, pvc: Obj, *, name: str, workers: Workers, command: str,
+                env: list[dict[str, Any]], block: bool, overhead: float,
+                preallocation: bool, scratch: bool, resources: dict[str, Any],
+                component: str) -> Obj:
     meta = pvc["metadata"]
     claim = meta["name"]
     env = [
@@ -245,9 +248,7 @@ def _worker_pod(dv: Obj, pvc: Obj, *, name: str, command: str, env: list[dict[st
         {"name": "PREALLOCATION", "value": "true" if preallocation else "false"},
     ]
     container: Obj = {
-        "name": component,
-        "image": command,
-        "command": [command],
+        **workers.container(component, command),
         "env": env,
         "ports": [{"name": "metrics", "containerPort": 8443, "protocol": "TCP"}],
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -318,7 +319,8 @@ def place(pod: Obj, placement: Obj) -> Obj:
     """POD scheduled as PLACEMENT says (the fields it sets; POD returned, changed)."""
     spec = pod["spec"]
     if placement.get("nodeSelector"):
-        spec["nodeSelector"] = dict(placement["nodeSelector"])
+        # The pod's own labels (a node-pull importer's architecture, as CDI) win.
+        spec["nodeSelector"] = {**placement["nodeSelector"], **(spec.get("nodeSelector") or {})}
     if placement.get("affinity"):
         # The placement's affinity, with the pod's own pod-affinity terms added to it.
         merged = copy.deepcopy(placement["affinity"])
@@ -389,6 +391,20 @@ def outcome(message: str) -> Outcome:
 def failure_reason(message: str) -> str:
     """The Running condition's reason for a failed worker (CDI's ImagePullFailed rule)."""
     return "ImagePullFailed" if "failed to pull image" in message else "Error"
+
+
+def waiting(status: Obj) -> tuple[str, str, str] | None:
+    """The Running condition of a worker whose container STATUS waits for what only the
+    cluster can fix (CDI's rules): a missing Secret, or an image (a node-pull importer's
+    image volume, too) the node fails to pull; None for any other state."""
+    state = (status.get("state") or {}).get("waiting") or {}
+    reason, message = str(state.get("reason", "")), str(state.get("message", ""))
+    if reason == "CreateContainerConfigError":
+        return ("False", reason, message)
+    if reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName"):
+        return ("False", "ImagePullFailed",
+                f"failed to pull image: {message or status.get('image', '')}")
+    return None
 
 
 def running_message(message: str) -> str:

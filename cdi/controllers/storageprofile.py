@@ -125,6 +125,13 @@ class CDIConfigController:
     def watches(self) -> dict[str, Mapper]:
         return {"StorageClass": lambda _sc: [("", "config")]}
 
+    def set_upload_proxy_ca(self, ca: str) -> bool:
+        """Publish CA (a rotated upload proxy CA bundle) from the next reconcile on;
+        whether it changed (then the caller enqueues ``("", "config")``)."""
+        changed = ca != self._upload_proxy_ca
+        self._upload_proxy_ca = ca
+        return changed
+
     async def ensure(self) -> None:
         try:
             await self._store.create({"apiVersion": "cdi.kubevirt.io/v1beta1",

@@ -29,6 +29,7 @@ from cdi.controllers.datavolume import (
     UploadTLS,
 )
 from cdi.controllers.runtime import Key, Mapper, Result, owner_keys
+from cdi.controllers.workers import EMBEDDED, Workers
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,11 @@ class UploadClaimController:
     name = "uploadclaim"
     kind = "PersistentVolumeClaim"
 
-    def __init__(self, store: ObjectStore, *, upload_tls: UploadTLS | None = None) -> None:
+    def __init__(self, store: ObjectStore, *, upload_tls: UploadTLS | None = None,
+                 workers: Workers = EMBEDDED) -> None:
         self._store = store
         self._upload_tls = upload_tls
+        self._workers = workers
 
     def watches(self) -> dict[str, Mapper]:
         return {"PersistentVolumeClaim": _own_claims,
@@ -94,7 +97,8 @@ class UploadClaimController:
         pod = importpod.upload_pod_spec(
             pvc, pvc, block=block, overhead=overhead,
             preallocation=ann.get(A + "storage.preallocation.requested") == "true",
-            resources=config.get("defaultPodResourceRequirements", {}), tls_secret=tls_secret)
+            resources=config.get("defaultPodResourceRequirements", {}), workers=self._workers,
+            tls_secret=tls_secret)
         importpod.place(pod, await importpod.workload(self._store))
         try:
             created = await self._store.create(pod)

@@ -118,9 +118,18 @@ CONTROLLER_NAMESPACE_RULES = [
 # does in worker pods.  They read the Secrets a DataVolume or DataImportCron
 # names (registry pull secrets, HTTP credentials: cdi/controllers/cronpoll.py,
 # cronhttp.py, datavolume.py) and delete the per-pod certificate Secrets they
-# made when a clone or upload ends (cdi/controllers/clone/controller.py).
+# made when a clone or upload ends (cdi/controllers/clone/controller.py).  In
+# generate mode they also replace the upload CAs and the proxy's certificates
+# near their end (cdi/cli/certrotation.py; CDI's operator does that): update,
+# of those Secrets only.
 CONTROLLER_EXTRA_CLUSTER_ROLE = "cdi-extra"
-CONTROLLER_EXTRA_CLUSTER_RULES = [rule(["get", "delete"], resources=["secrets"])]
+ROTATED_SECRETS = ["cdi-uploadserver-signer", "cdi-uploadserver-client-signer",
+                   "cdi-uploadproxy-signer", "cdi-uploadserver-client-cert",
+                   "cdi-uploadproxy-server-cert"]
+CONTROLLER_EXTRA_CLUSTER_RULES = [
+    rule(["get", "delete"], resources=["secrets"]),
+    {**rule(["update"], resources=["secrets"]), "resourceNames": ROTATED_SECRETS},
+]
 
 APISERVER_CLUSTER_RULES = [
     rule(["create"], groups=["authorization.k8s.io"], resources=["subjectaccessreviews"]),

@@ -67,6 +67,10 @@ def deployments(values: Obj, namespace: str) -> list[Obj]:
         {"name": "PULL_POLICY", "value": values["image"]["pullPolicy"]},
         {"name": "UPLOADPROXY_SERVICE", "value": UPLOADPROXY},
         {"name": "CDI_CERTIFICATES", "value": certs},
+        *lifetime_env(values),
+        # The controller checks clone tokens with the public half of the signing key.
+        {"name": "APISERVER_PUBLIC_KEY", "valueFrom": {"secretKeyRef": {
+            "name": SIGNING_KEY_SECRET, "key": "id_rsa.pub"}}},
     ]
     apiserver_volumes = [(f"{APISERVER}{SERVER_CERT_SUFFIX}", "/var/run/certs/server")] \
         if cert_manager else []
@@ -78,11 +82,21 @@ def deployments(values: Obj, namespace: str) -> list[Obj]:
         deployment(values, namespace, CONTROLLER, rbac.CONTROLLER_SA, "controller",
                    env=controller_env, metrics=True),
         deployment(values, namespace, APISERVER, rbac.APISERVER_SA, "apiserver",
-                   env=[{"name": "CDI_CERTIFICATES", "value": certs}],
+                   env=[{"name": "CDI_CERTIFICATES", "value": certs},
+                        *lifetime_env(values)],
                    secrets=apiserver_volumes),
         deployment(values, namespace, UPLOADPROXY, rbac.UPLOADPROXY_SA, "uploadproxy",
                    env=proxy_env, secrets=proxy_volumes),
     ]
+
+
+def lifetime_env(values: Obj) -> list[Obj]:
+    """``certificates.ca`` and ``.server`` for the controller and the apiserver, which make
+    and rotate the certificates in generate mode (``cdi/cli/certrotation.py``)."""
+    certs = values["certificates"]
+    return [{"name": f"CDI_{which.upper()}_{env}", "value": str(certs[which][key])}
+            for which in ("ca", "server")
+            for key, env in (("duration", "DURATION"), ("renewBefore", "RENEW_BEFORE"))]
 
 
 def deployment(values: Obj, namespace: str, name: str, service_account: str, component: str,

@@ -13,6 +13,10 @@ def open_source(settings: Settings, progress: Progress) -> Source:
         from importer.sources import http
 
         return http.open(settings, progress=progress)
+    if settings.source == "registry" and settings.pull_method == "node":
+        from importer.sources import imagevolume
+
+        return imagevolume.open(settings, progress=progress)
     if settings.source == "registry":
         from importer.sources import registry
 

@@ -90,9 +90,19 @@ def labels_from_env(env: list[str]) -> dict[str, str]:
     return labels
 
 
+def is_disk_path(name: str) -> bool:
+    """Whether a file at NAME (from the image's root) may be the disk (node pull too)."""
+    return name.startswith(DISK_DIRS) and not PurePosixPath(name).name.startswith(WHITEOUT)
+
+
 def _is_disk(member: tarfile.TarInfo) -> bool:
-    return (member.name.startswith(DISK_DIRS) and member.isreg()
-            and not PurePosixPath(member.name).name.startswith(WHITEOUT))
+    return member.isreg() and is_disk_path(member.name)
+
+
+def require_kubevirt(settings: Settings) -> None:
+    if settings.content_type != "kubevirt":
+        raise errors.SettingsError(variable="IMPORTER_CONTENTTYPE", reason=(
+            f"Unsupported content type {settings.content_type} when importing from registry"))
 
 
 # -- blobs ----------------------------------------------------------------------------
@@ -347,9 +357,7 @@ class RegistrySource:
     kind = "registry"
 
     def __init__(self, settings: Settings, *, progress: Progress) -> None:
-        if settings.content_type != "kubevirt":
-            raise errors.SettingsError(variable="IMPORTER_CONTENTTYPE", reason=(
-                f"Unsupported content type {settings.content_type} when importing from registry"))
+        require_kubevirt(settings)
         self._settings = settings
         self._progress = progress
         self._buf = bytearray(units.MiB)  # for draining blobs

@@ -48,6 +48,18 @@ def test_defaults_and_values(tmp_path: Path) -> None:
     assert s.scratch_dir == Path("/scratch")
 
 
+def test_pull_method() -> None:
+    """CDI's IMPORTER_PULL_METHOD: pod (the default) pulls from the registry; node reads the
+    image volume the pod mounts at /containerdisk (IMPORTER_IMAGE_DIR elsewhere)."""
+    registry = {"IMPORTER_SOURCE": "registry", "IMPORTER_ENDPOINT": "docker://r.example/os:1"}
+    s = settings.from_env(registry)
+    assert (s.pull_method, s.image_dir) == ("pod", Path("/containerdisk"))
+    s = settings.from_env({**registry, "IMPORTER_PULL_METHOD": "Node",
+                           "IMPORTER_IMAGE_DIR": "/mnt/image"})
+    assert (s.pull_method, s.image_dir) == ("node", Path("/mnt/image"))
+    assert settings.from_env({**registry, "IMPORTER_PULL_METHOD": ""}).pull_method == "pod"
+
+
 def test_blank_needs_no_endpoint() -> None:
     s = settings.from_env({"IMPORTER_SOURCE": "none"})
     assert s.source == "none" and s.endpoint == ""
@@ -100,6 +112,13 @@ def test_secret_extra_headers(tmp_path: Path) -> None:
      "/nonexistent/certs is not a directory"),
     ({"IMPORTER_STALL_TIMEOUT": "soon"}, "IMPORTER_STALL_TIMEOUT",
      "'soon' is not a non-negative number"),
+    ({"IMPORTER_PULL_METHOD": "kubelet"}, "IMPORTER_PULL_METHOD",
+     "'kubelet' is neither pod nor node"),
+    ({"IMPORTER_PULL_METHOD": "node"}, "IMPORTER_PULL_METHOD",
+     "node pull is for docker:// registry images"),
+    ({"IMPORTER_SOURCE": "registry", "IMPORTER_ENDPOINT": "oci-archive:/images/os.tar",
+      "IMPORTER_PULL_METHOD": "node"}, "IMPORTER_PULL_METHOD",
+     "node pull is for docker:// registry images"),
 ])
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str, reason: str) -> None:
     full = {"IMPORTER_ENDPOINT": "http://h/x", **env}

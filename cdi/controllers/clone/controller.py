@@ -18,6 +18,10 @@ The strategy is ``strategy.for_pvc``'s (written to the target claim as
 Snapshot and CSI clones need the source and target in one namespace on the
 embedded backend (CDI rebinds volumes through populators across namespaces);
 a clone across namespaces is copied, with that reason.
+
+Given the apiserver's public key (``cdi controller`` on a cluster), nothing is
+done for a clone across namespaces until its DataVolume's clone token checks
+out (``clonetoken``); a refusal is Running False ``CloneValidationFailed``.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ import copy as copy_mod
 import logging
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from cdi.api import defaults, pki
 from cdi.api import errors as api_errors
 from cdi.backends.port import Obj, ObjectStore
 from cdi.controllers import events, importpod
-from cdi.controllers.clone import pods, strategy
+from cdi.controllers.clone import clonetoken, pods, strategy
 from cdi.controllers.clone.pods import (
     CLONE_FOR,
     client_name,
@@ -48,6 +54,7 @@ from cdi.controllers.datavolume import (
     UploadTLS,
 )
 from cdi.controllers.runtime import Key, Mapper, Result, owner_keys
+from cdi.controllers.workers import EMBEDDED, Workers
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +96,13 @@ class CloneController(DataVolumeController):
 
     def __init__(self, store: ObjectStore, *, upload_tls: UploadTLS | None = None,
                  client_signer: pki.Signer | None = None,
-                 service_addresses: bool = False) -> None:
-        super().__init__(store, upload_tls=upload_tls)
+                 service_addresses: bool = False,
+                 token_key: rsa.RSAPublicKey | None = None,
+                 workers: Workers = EMBEDDED) -> None:
+        super().__init__(store, upload_tls=upload_tls, workers=workers)
         self._client_signer = client_signer
+        # Clone tokens are checked only with the apiserver's key (see clonetoken).
+        self._tokens = clonetoken.Verifier(token_key) if token_key is not None else None
         # On a cluster the target's upload server is reached through its Service (the
         # embedded pod runner publishes a loopback address in an annotation instead).
         self._service_addresses = service_addresses
@@ -131,6 +142,12 @@ class CloneController(DataVolumeController):
                                        running=("False", e.reason, e.message))
                 return Result(requeue_after=strategy.Wait.REQUEUE_AFTER)
             return None
+        if self._tokens is not None:
+            refusal = self._tokens.refusal(dv, kind=kind, source_namespace=src_ns,
+                                           source_name=src_name)
+            if refusal is not None:
+                await self._refuse(dv, refusal)
+                return None
         target = await self._get("PersistentVolumeClaim", name, ns)
         if target is None:
             if kind == "snapshot":
@@ -271,6 +288,15 @@ class CloneController(DataVolumeController):
         await self._set_status(dv, phase="CloneScheduled",
                                bound=("False", "Pending", f"PVC {name} Pending"))
         return Result(requeue_after=0.01)
+
+    async def _refuse(self, dv: Obj, message: str) -> None:
+        """Stop a clone its token does not allow; a change to the DataVolume looks again."""
+        old = {c["type"]: c for c in (dv.get("status") or {}).get("conditions", [])}
+        if old.get("Running", {}).get("message") != message:
+            log.warning("CLONE %s/%s refused: %s", dv["metadata"]["namespace"],
+                        dv["metadata"]["name"], message)
+        await self._set_status(dv, phase="Pending", running=("False", clonetoken.REASON, message),
+                               warn=message, warn_reason=clonetoken.REASON)
 
     async def _no_decision(self, dv: Obj, e: strategy.NoDecision) -> Result:
         old = {c["type"]: c for c in (dv.get("status") or {}).get("conditions", [])}
@@ -558,7 +584,7 @@ class CloneController(DataVolumeController):
             preallocation=bool(dv["spec"].get("preallocation",
                                                config.get("preallocation", False))),
             resources=config.get("defaultPodResourceRequirements", {}), tls_secret=tls_secret,
-            scratch=False)
+            scratch=False, workers=self._workers)
         container = pod["spec"]["containers"][0]
         container["env"] = [e for e in container["env"] if e["name"] != "CLIENT_NAME"] + [
             {"name": "UPLOAD_CLONE", "value": "true"},
@@ -577,7 +603,8 @@ class CloneController(DataVolumeController):
             "defaultPodResourceRequirements", {})
         objects = [importpod.place(
             pods.source_pod(dv, target, src, address, tls=tls, socket=socket,
-                            resources=resources), await importpod.workload(self._store))]
+                            resources=resources, workers=self._workers),
+            await importpod.workload(self._store))]
         if tls and socket is None:
             assert self._client_signer is not None and self._upload_tls is not None
             objects.insert(0, pods.source_secret(dv, target, src, self._client_signer,

@@ -15,6 +15,7 @@ from typing import Any
 from cdi.api import pki
 from cdi.backends.port import Obj
 from cdi.controllers import importpod
+from cdi.controllers.workers import CLONER, Workers
 
 SOURCE_MOUNT = "/var/run/cdi/clone/source"
 CLONE_FOR = "cdi.kubevirt.io/clone-for"  # label: "<ns>.<name>" of the DataVolume
@@ -96,7 +97,8 @@ def _affinity(target: Obj, src: Obj) -> Obj:
 
 
 def source_pod(dv: Obj, target: Obj, src: Obj, address: str, *, tls: bool,
-               socket: str | None = None, resources: Obj | None = None) -> Obj:
+               workers: Workers, socket: str | None = None,
+               resources: Obj | None = None) -> Obj:
     """The clone source worker, sending SRC to the upload server at ADDRESS.
 
     With SOCKET (the embedded backend's upload servers also listen on a Unix
@@ -113,8 +115,7 @@ def source_pod(dv: Obj, target: Obj, src: Obj, address: str, *, tls: bool,
         tls = False
     volumes: list[Obj] = [{"name": "cdi-clone-source", "persistentVolumeClaim": {
         "claimName": src["metadata"]["name"], "readOnly": True}}]
-    container: Obj = {"name": "cdi-clone-source", "image": "cdi-clone-source",
-                      "command": ["cdi-clone-source"], "env": env,
+    container: Obj = {**workers.container("cdi-clone-source", CLONER), "env": env,
                       "ports": [{"name": "metrics", "containerPort": 8443}],
                       "terminationMessagePolicy": "FallbackToLogsOnError",
                       "resources": dict(resources or {})}

@@ -325,3 +325,59 @@ def test_check_wrong_resource(key: rsa.RSAPrivateKey, claims: dict[str, Any],
     verified = _verified(key, **claims)
     with pytest.raises(tokens.TokenWrongResource):
         tokens.check(verified, operation="Upload", namespace=namespace, name=name)
+
+
+# --- check_clone ----------------------------------------------------------------------------------
+
+
+def _clone_claims(key: rsa.RSAPrivateKey, **kwargs: Any) -> tokens.Claims:
+    issued: dict[str, Any] = {
+        "namespace": "golden", "name": "fedora", "operation": tokens.CLONE,
+        "params": {"targetNamespace": "vms", "targetName": "disk"}, "now": NOW, **kwargs}
+    return tokens.verify(key.public_key(), tokens.issue(key, **issued), now=NOW)
+
+
+def _check_clone(claims: tokens.Claims, **kwargs: Any) -> None:
+    wanted: dict[str, Any] = {
+        "source_namespace": "golden", "source_name": "fedora",
+        "resource": tokens.PVC_RESOURCE, "target_namespace": "vms", "target_name": "disk",
+        **kwargs}
+    tokens.check_clone(claims, **wanted)
+
+
+def test_check_clone_accepts_the_webhooks_token(key: rsa.RSAPrivateKey) -> None:
+    _check_clone(_clone_claims(key))
+    _check_clone(_clone_claims(key, resource=tokens.SNAPSHOT_RESOURCE),
+                 resource=tokens.SNAPSHOT_RESOURCE)
+    # As CDI, only the resource's name is compared, and a uid must be the target's.
+    _check_clone(_clone_claims(key, resource=tokens.Resource("", "", "persistentvolumeclaims")))
+    _check_clone(_clone_claims(key, params={"targetNamespace": "vms", "targetName": "disk",
+                                            "uid": "u-1"}), target_uid="u-1")
+
+
+@pytest.mark.parametrize(("issued", "wanted", "error", "message"), [
+    ({"operation": tokens.UPLOAD}, {}, tokens.TokenWrongOperation,
+     "token is for operation 'Upload', not 'Clone'"),
+    ({"resource": tokens.SNAPSHOT_RESOURCE}, {}, tokens.TokenWrongResource,
+     "token is for resource 'volumesnapshots', not 'persistentvolumeclaims'"),
+    ({}, {"resource": tokens.SNAPSHOT_RESOURCE}, tokens.TokenWrongResource,
+     "token is for resource 'persistentvolumeclaims', not 'volumesnapshots'"),
+    ({"name": "secret"}, {}, tokens.TokenWrongResource,
+     "token is for source golden/secret, not golden/fedora"),
+    ({"namespace": "other"}, {}, tokens.TokenWrongResource,
+     "token is for source other/fedora, not golden/fedora"),
+    ({"params": {"targetNamespace": "vms", "targetName": "other"}}, {}, tokens.TokenWrongTarget,
+     "token is for target vms/other, not vms/disk"),
+    ({"params": {"targetNamespace": "x", "targetName": "disk"}}, {}, tokens.TokenWrongTarget,
+     "token is for target x/disk, not vms/disk"),
+    ({"params": None}, {}, tokens.TokenWrongTarget, "token is for target /, not vms/disk"),
+    ({"params": {"targetNamespace": "vms", "targetName": "disk", "uid": "u-1"}},
+     {"target_uid": "u-2"}, tokens.TokenWrongTarget, "token is for target uid u-1, not u-2"),
+])
+def test_check_clone_refusals(key: rsa.RSAPrivateKey, issued: dict[str, Any],
+                              wanted: dict[str, Any], error: type[tokens.TokenError],
+                              message: str) -> None:
+    claims = _clone_claims(key, **issued)
+    with pytest.raises(error) as e:
+        _check_clone(claims, **wanted)
+    assert str(e.value) == message

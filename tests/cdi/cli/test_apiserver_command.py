@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import socket
 import ssl
 import threading
@@ -17,11 +18,14 @@ import aiohttp
 import pytest
 import trustme
 from click.testing import CliRunner
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from cdi.api import tokens
-from cdi.cli import apiserver
+from cdi.api import pki, tokens
+from cdi.api.certconfig import CertConfig
+from cdi.backends.kube import KubeStore
+from cdi.cli import apiserver, certrotation
 from cdi.cli.main import main
 from tests.support.fakekube import FakeKube
 
@@ -90,7 +94,7 @@ class Running:
             self.stop_event = asyncio.Event()
             await apiserver.run(kubeconfig=self.kubeconfig, context=None, namespace=NS,
                                 address=f"127.0.0.1:{self.port}", certificates="generate",
-                                cert_dir=Path("/nonexistent"), rotate_hours=24,
+                                cert_dir=Path("/nonexistent"),
                                 stop=self.stop_event)
         try:
             self.loop.run_until_complete(go())
@@ -220,3 +224,86 @@ def test_without_the_front_proxy_configuration_it_says_so(cluster: FakeKube,
     assert "requestheader-client-ca-file: the front proxy is not configured" in result.output
     # The signing key is made first; it is kept for the next, configured start.
     assert cluster.get("Secret", "cdi-api-signing-key", NS) is not None
+
+
+async def served_cert(port: int, ctx: ssl.SSLContext) -> x509.Certificate:
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=HOST)
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.sleep(0.1)  # TLS connections finish closing (else: ResourceWarning later)
+    return x509.load_der_x509_certificate(der)
+
+
+def test_a_signer_near_its_end_is_rotated_and_both_cas_are_trusted(
+        cluster: FakeKube, tmp_path: Path) -> None:
+    """A CA 30 h into its 48 h (within renewBefore 24 h) is replaced at start; the caBundle
+    keeps the old one beside the new, and the serving certificate (24 h, CDI's default)
+    comes from the new CA."""
+    now = datetime.datetime.now(datetime.UTC)
+    old_pem, old_key = pki.make_ca("cdi-apiserver-signer@old", lifetime=datetime.timedelta(
+        hours=48), now=now - datetime.timedelta(hours=30))
+    cluster.put({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                 "metadata": {"name": apiserver.SIGNER, "namespace": NS},
+                 "data": {"tls.crt": base64.b64encode(old_pem).decode(),
+                          "tls.key": base64.b64encode(old_key).decode()}})
+    server = Running(cluster, tmp_path).start()
+    try:
+        signer = cluster.get("Secret", apiserver.SIGNER, NS)
+        assert signer is not None
+        new = x509.load_pem_x509_certificate(base64.b64decode(signer["data"]["tls.crt"]))
+        old = x509.load_pem_x509_certificate(old_pem)
+        assert new != old
+        assert new.not_valid_after_utc - new.not_valid_before_utc == \
+            datetime.timedelta(hours=48, minutes=5)
+        assert x509.load_pem_x509_certificates(ca_bundle(cluster)) == [new, old]
+        hooks = (cluster.get("ValidatingWebhookConfiguration", "cdi-api-datavolume-validate")
+                 or {})["webhooks"]
+        assert base64.b64decode(hooks[0]["clientConfig"]["caBundle"]) == ca_bundle(cluster)
+        bundle_cm = cluster.get("ConfigMap", "cdi-apiserver-signer-bundle", NS)
+        assert bundle_cm is not None
+        assert bundle_cm["data"]["ca-bundle.crt"].encode() == ca_bundle(cluster)
+        served = asyncio.run(served_cert(server.port, ssl.create_default_context(
+            cadata=ca_bundle(cluster).decode())))
+        served.verify_directly_issued_by(new)
+        assert served.not_valid_after_utc - served.not_valid_before_utc == \
+            datetime.timedelta(hours=24, minutes=5)
+    finally:
+        server.stop()
+
+
+def test_the_serving_certificate_is_renewed_before_its_end(cluster: FakeKube,
+                                                           tmp_path: Path) -> None:
+    """``Serving.refresh`` on a set clock: kept until renewBefore of its end, then
+    re-issued; a CA rotation writes the bundle of both CAs into the registrations."""
+    certs = CertConfig.parse(ca_duration="10h", ca_renew_before="4h", server_duration="2h",
+                             server_renew_before="30m")
+    t0 = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+    minute = datetime.timedelta(minutes=1)
+
+    async def go() -> list[tuple[bytes, datetime.datetime]]:
+        async with KubeStore(cluster.config()) as store:
+            ca = await certrotation.signer(store, NS, apiserver.SIGNER, tmp_path,
+                                           lifetime=certs.ca, now=t0)
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            serving = apiserver.Serving(ctx, tmp_path, ca, NS, certs=certs)
+            seen = []
+            for at in (t0, t0 + 89 * minute, t0 + 90 * minute, t0 + 6 * 60 * minute):
+                due = await serving.refresh(store, at)
+                seen.append((serving.cert_pem, due))
+            return seen
+
+    seen = asyncio.run(go())
+    first, kept, renewed, rotated = (x509.load_pem_x509_certificate(p) for p, _ in seen)
+    assert first.not_valid_after_utc == t0 + datetime.timedelta(hours=2)
+    assert seen[0][1] == t0 + 90 * datetime.timedelta(minutes=1)
+    assert kept == first
+    assert renewed != first
+    assert renewed.not_valid_after_utc == t0 + datetime.timedelta(hours=3, minutes=30)
+    # At 6 h the CA (10 h, renewBefore 4 h) was replaced; both are in the caBundle.
+    cas = x509.load_pem_x509_certificates(ca_bundle(cluster))
+    assert len(cas) == 2 and cas[0].not_valid_after_utc == t0 + datetime.timedelta(hours=16)
+    # The serving certificate had passed its renewal: re-issued, from the newest CA.
+    rotated.verify_directly_issued_by(cas[0])
+    assert rotated.not_valid_after_utc == t0 + datetime.timedelta(hours=8)
+    assert seen[3][1] == t0 + datetime.timedelta(hours=7, minutes=30)

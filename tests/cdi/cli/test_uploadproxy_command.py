@@ -39,12 +39,12 @@ def fake() -> Iterator[FakeKube]:
     assert server.errors == []
 
 
-def publish(fake: FakeKube, tmp: Path) -> str:
+def publish(fake: FakeKube, tmp: Path, now: datetime.datetime | None = None) -> str:
     async def go() -> str:
         async with KubeStore(fake.config()) as store:
             server = await controller.signer(store, NS, controller.SERVER_SIGNER, tmp)
             client = await controller.signer(store, NS, controller.CLIENT_SIGNER, tmp)
-            return await controller.publish_upload_pki(store, NS, server, client, tmp)
+            return await controller.publish_upload_pki(store, NS, server, client, tmp, now=now)
     return asyncio.run(go())
 
 
@@ -196,26 +196,27 @@ def test_cdi_uploadproxy_serves_with_the_published_keys(fake: FakeKube, tmp_path
 
 
 def test_an_expiring_proxy_certificate_is_renewed(fake: FakeKube, tmp_path: Path) -> None:
-    publish(fake, tmp_path / "a")
+    """With CDI's default lifetimes the proxy's certificates last 24 h and are renewed
+    12 h before their end; the one with time left is kept (the CAs last 48 h)."""
+    start = datetime.datetime.now(datetime.UTC).replace(microsecond=0)  # as certificates
+    publish(fake, tmp_path / "a", now=start)
+    first = cert_of(fake, controller.CLIENT_CERT)
+    assert first.not_valid_after_utc - start == datetime.timedelta(hours=24)
+    later = start + datetime.timedelta(hours=6)
+    # The client certificate is made to end within renewBefore of LATER.
+    client_ca = cert_of(fake, controller.CLIENT_SIGNER)
+    fake.patch("Secret", controller.CLIENT_CERT, NS, {"data": {"tls.crt": ""}})
     kept = (fake.get("Secret", controller.PROXY_CERT, NS) or {})["data"]
-
-    async def near_the_end() -> None:
-        async with KubeStore(fake.config()) as store:
-            client = await controller.signer(store, NS, controller.CLIENT_SIGNER, tmp_path / "b")
-        issued = client.issue(pki.UPLOAD_CLIENT_NAME, client=True, days=10)
-        fake.patch("Secret", controller.CLIENT_CERT, NS, {"data": {
-            "tls.crt": base64.b64encode(issued.cert_pem).decode(),
-            "tls.key": base64.b64encode(issued.key_pem).decode()}})
-    asyncio.run(near_the_end())
-    now = datetime.datetime.now(datetime.UTC)
-    assert (cert_of(fake, controller.CLIENT_CERT).not_valid_after_utc - now).days < 11
-    publish(fake, tmp_path / "c")
+    publish(fake, tmp_path / "b", now=later)
     renewed = cert_of(fake, controller.CLIENT_CERT)
-    left = renewed.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
-    assert datetime.timedelta(days=89) < left <= datetime.timedelta(days=90)
-    renewed.verify_directly_issued_by(cert_of(fake, controller.CLIENT_SIGNER))
-    # The one with time left is kept as it was.
+    assert renewed.not_valid_after_utc - later == datetime.timedelta(hours=24)
+    renewed.verify_directly_issued_by(client_ca)
+    assert cert_of(fake, controller.CLIENT_SIGNER) == client_ca  # the CA is not due
     assert (fake.get("Secret", controller.PROXY_CERT, NS) or {})["data"] == kept
+    # 13 h on, the proxy's serving certificate is within its renewBefore too.
+    publish(fake, tmp_path / "c", now=start + datetime.timedelta(hours=13))
+    assert cert_of(fake, controller.PROXY_CERT).not_valid_after_utc - start == \
+        datetime.timedelta(hours=37)
 
 
 def test_renewed_certificate_files_are_reloaded(tmp_path: Path) -> None:

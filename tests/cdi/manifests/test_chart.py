@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from cdi.cli import controller as controller_command
 from cdi.manifests import render, values
 from tests.cdi.manifests import helmlite
 from tests.cdi.manifests.chart import (
@@ -57,6 +58,23 @@ def test_non_default_values_render_the_same_objects() -> None:
     assert ("Certificate", "cdi-apiserver-server-cert") in objs
     assert ("PrometheusRule", "prometheus-cdi-rules") in objs
     assert ("ClusterRole", "cdi-operator-cluster") in objs
+
+
+def test_the_controller_gets_its_worker_settings_from_the_deployment() -> None:
+    """The chart's controller environment is what `cdi controller` builds its worker
+    settings from (``cdi.controllers.workers``): one image for every worker, and the
+    chart's pull policy, which the command accepts."""
+    objs = by_key(render_chart(values.load(sets=NON_DEFAULT), "storage-system"))
+    (container,) = objs[("apps/v1", "Deployment", "storage-system", "cdi-deployment")][
+        "spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    image = "registry.example.com/storage/cdi:1.2.3"
+    wanted = {"IMPORTER_IMAGE": image, "UPLOADSERVER_IMAGE": image, "CLONER_IMAGE": image,
+              "PULL_POLICY": "Always"}
+    assert {k: env.get(k) for k in wanted} == wanted
+    options = {p.envvar: p for p in controller_command.controller.params if p.envvar}
+    assert set(wanted) <= set(options)
+    assert options["PULL_POLICY"].type.convert("Always", None, None) == "Always"
 
 
 def test_non_default_values_change_every_setting() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from cdi.api.kinds import CDI
+from cdi.cli import certrotation
 from cdi.manifests import rbac, render, values
 
 SEED = Path(__file__).resolve().parents[3] / ".." / "shared" / "seeds" / \
@@ -110,13 +111,20 @@ def test_component_roles_are_the_tables_rule_by_rule(number: str, kind: str, nam
 
 
 def test_controller_extras_are_the_listed_ones() -> None:
-    """What the controller holds beyond tables 1.4 and 1.6: reading and deleting Secrets."""
+    """What the controller holds beyond tables 1.4 and 1.6: reading and deleting Secrets,
+    and updating the ones it rotates (cdi/cli/certrotation.py), by name."""
     objs = _objects()
     bound = [b["roleRef"]["name"] for (kind, _), b in objs.items()
              if kind == "ClusterRoleBinding" and b["subjects"][0]["name"] == rbac.CONTROLLER_SA]
     assert sorted(bound) == ["cdi", "cdi-extra"]
     extra = _rendered_grants(objs[("ClusterRole", "cdi-extra")])
-    assert extra == {("", "secrets", "get"), ("", "secrets", "delete")}
+    assert extra == {("", "secrets", "get"), ("", "secrets", "delete"),
+                     ("", "secrets", "update")}
+    named = [r for r in objs[("ClusterRole", "cdi-extra")]["rules"] if "resourceNames" in r]
+    assert named == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["update"],
+                      "resourceNames": [certrotation.SERVER_SIGNER, certrotation.CLIENT_SIGNER,
+                                        certrotation.PROXY_SIGNER, certrotation.CLIENT_CERT,
+                                        certrotation.PROXY_CERT]}]
 
 
 @pytest.mark.parametrize(("role", "account"), [

@@ -16,6 +16,7 @@ from cryptography import x509
 from cdi.backends.port import Obj
 from cdi.cli import controller
 from cdi.cli.main import main
+from cdi.controllers.workers import Workers
 from tests.support.fakekube import FakeKube
 
 SC = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
@@ -103,8 +104,11 @@ def test_a_datavolume_gets_its_claim_and_importer_pod(fake: FakeKube, tmp_path: 
     port = free_port()
     options = controller.Options(kubeconfig=fake.kubeconfig(tmp_path / "kubeconfig"),
                                  identity="replica-1", health_address=f"127.0.0.1:{port}",
-                                 images={"cdi-importer": "registry.example.com/cdi:1.0"},
-                                 pull_policy="IfNotPresent")
+                                 workers=Workers(importer_image="registry.example.com/cdi:1.0",
+                                                 uploadserver_image="registry.example.com/"
+                                                                    "cdi-upload:1.0",
+                                                 pull_policy="IfNotPresent",
+                                                 image_volumes=True))
 
     async def scenario() -> None:
         stop = asyncio.Event()
@@ -127,19 +131,49 @@ def test_a_datavolume_gets_its_claim_and_importer_pod(fake: FakeKube, tmp_path: 
                               .get("status", {}).get("phase") == "ImportScheduled"
                               and fake.get("DataVolume", "disk", "vms"))
         assert dv["status"]["claimName"] == "disk"
-        # What the Kubernetes backend cannot do yet is refused in its own name.
+        # A node pull: the importer Pod mounts the image as an image volume (the kubelet
+        # pulls it); its pull secret is the node's business, so a missing one is no reason
+        # to wait.
         fake.put({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
                   "metadata": {"name": "node-pull", "namespace": "vms"},
                   "spec": {"source": {"registry": {"url": "docker://r.example/os:1",
-                                                   "pullMethod": "node"}},
+                                                   "pullMethod": "node",
+                                                   "secretRef": "not-there"}},
                            "pvc": {"accessModes": ["ReadWriteOnce"],
                                    "resources": {"requests": {"storage": "1Gi"}}}}})
-        refused = await eventually(lambda: next(
+        await eventually(lambda: fake.get("PersistentVolumeClaim", "node-pull", "vms"))
+        fake.patch("PersistentVolumeClaim", "node-pull", "vms",
+                   {"status": {"phase": "Bound"}}, status=True)
+        node_pod = await eventually(lambda: fake.get("Pod", "importer-node-pull", "vms"))
+        (container,) = node_pod["spec"]["containers"]
+        assert (container["image"], container["imagePullPolicy"], container["command"]) == (
+            "registry.example.com/cdi:1.0", "IfNotPresent", ["cdi-importer"])
+        assert node_pod["spec"]["volumes"][-1] == {
+            "name": "cdi-image-volume",
+            "image": {"reference": "r.example/os:1", "pullPolicy": "IfNotPresent"}}
+        assert container["volumeMounts"][-1] == {
+            "name": "cdi-image-volume", "mountPath": "/containerdisk", "readOnly": True}
+        assert {"name": "IMPORTER_PULL_METHOD", "value": "node"} in container["env"]
+        assert not any(e["name"].startswith(("IMPORTER_ACCESS_KEY_ID", "IMPORTER_SECRET_KEY"))
+                       for e in container["env"])
+        assert node_pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        node_dv = await eventually(lambda: (fake.get("DataVolume", "node-pull", "vms") or {})
+                                   .get("status", {}).get("phase") == "ImportScheduled"
+                                   and fake.get("DataVolume", "node-pull", "vms"))
+        assert [c["reason"] for c in node_dv["status"]["conditions"]
+                if c["type"] == "Running"] == ["Pending"]
+        # The node cannot pull the image: the kubelet says so in the container's state.
+        pulled = 'failed to pull and unpack image "r.example/os:1": not found'
+        fake.patch("Pod", "importer-node-pull", "vms", {"status": {
+            "phase": "Pending", "containerStatuses": [{
+                "name": "importer", "image": "registry.example.com/cdi:1.0", "ready": False,
+                "restartCount": 0, "state": {"waiting": {"reason": "ErrImagePull",
+                                                         "message": pulled}}}]}}, status=True)
+        pull_failed = await eventually(lambda: next(
             (c for c in ((fake.get("DataVolume", "node-pull", "vms") or {}).get("status")
-                         or {}).get("conditions") or [] if c.get("type") == "Running"
-             and c.get("reason") == "UnsupportedSource"), None))
-        assert refused["message"] == ("registry pullMethod node is not supported on the "
-                                      "Kubernetes backend; use pullMethod pod (the default)")
+                         or {}).get("conditions") or []
+             if c.get("type") == "Running" and c.get("reason") == "ImagePullFailed"), None))
+        assert pull_failed["message"] == f"failed to pull image: {pulled}"
         # An upload: its server Pod, and a serving certificate from the signer Secret.
         fake.put({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
                   "metadata": {"name": "up", "namespace": "vms"},
@@ -150,7 +184,9 @@ def test_a_datavolume_gets_its_claim_and_importer_pod(fake: FakeKube, tmp_path: 
         fake.patch("PersistentVolumeClaim", "up", "vms", {"status": {"phase": "Bound"}},
                    status=True)
         upload_pod = await eventually(lambda: fake.get("Pod", "cdi-upload-up", "vms"))
-        assert upload_pod["spec"]["containers"][0]["command"] == ["cdi-uploadserver"]
+        (container,) = upload_pod["spec"]["containers"]
+        assert (container["image"], container["imagePullPolicy"], container["command"]) == (
+            "registry.example.com/cdi-upload:1.0", "IfNotPresent", ["cdi-uploadserver"])
         secret = await eventually(lambda: fake.get("Secret", "cdi-upload-up", "vms"))
         # ...and the Service the upload proxy reaches it through.
         service = await eventually(lambda: fake.get("Service", "cdi-upload-up", "vms"))
@@ -201,3 +237,10 @@ def test_the_command_is_registered() -> None:
     result = CliRunner().invoke(main, ["controller", "--help"])
     assert result.exit_code == 0, result.output
     assert "--kubeconfig" in result.output and "--lease-name" in result.output
+
+
+def test_a_pull_policy_kubernetes_does_not_know_is_refused() -> None:
+    result = CliRunner().invoke(main, ["controller"], env={"PULL_POLICY": "Sometimes"})
+    assert result.exit_code == 2
+    assert "Invalid value for '--pull-policy': 'Sometimes' is not one of 'Always', " \
+           "'IfNotPresent', 'Never'." in result.output

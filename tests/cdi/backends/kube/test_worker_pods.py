@@ -14,11 +14,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from kubernetes_validate import utils as kubernetes_validate
 
 from cdi.api import pki
 from cdi.backends.port import Obj
-from cdi.controllers import importpod
+from cdi.controllers import imagevolume, importpod
 from cdi.controllers.clone import pods as clone_pods
+from cdi.controllers.workers import Workers
+from importer import settings as importer_settings
 
 RESOURCES = {"limits": {"cpu": "750m", "memory": "600M"},
              "requests": {"cpu": "100m", "memory": "60M"}}
@@ -45,32 +48,52 @@ def pvc(block: bool, name: str = "disk", ns: str = "ns") -> Obj:
 
 
 HTTP = {"http": {"url": "https://images.example.com/disk.qcow2", "certConfigMap": "ca-bundle"}}
+NODE_PULL = {"registry": {"url": "docker://quay.example.com/vms/fedora:41", "pullMethod": "node",
+                          "secretRef": "pull-secret", "certConfigMap": "registry-ca",
+                          "platform": {"architecture": "arm64"}}}
+# The worker images and pull policy `cdi controller` reads from its Deployment.
+WORKERS_SETTINGS = Workers(importer_image="r.example/cdi-importer:1.0",
+                           uploadserver_image="r.example/cdi-uploadserver:1.0",
+                           cloner_image="r.example/cdi-cloner:1.0", pull_policy="IfNotPresent",
+                           image_volumes=True)
+PROXY = {"http_proxy": "http://proxy:3128", "https_proxy": "", "no_proxy": ".svc"}
+KUBERNETES = "1.37.0"  # the newest schema kubernetes-validate bundles
 
 
 def importer(block: bool) -> Obj:
     return importpod.pod_spec(dv(HTTP), pvc(block), block=block, overhead=0.0 if block else 0.06,
-                              preallocation=False, scratch=not block,
-                              proxy={"http_proxy": "http://proxy:3128", "https_proxy": "",
-                                     "no_proxy": ".svc"}, resources=RESOURCES)
+                              preallocation=False, scratch=not block, proxy=PROXY,
+                              resources=RESOURCES, workers=WORKERS_SETTINGS)
+
+
+def node_pull(block: bool, *, scratch: bool = True) -> Obj:
+    return imagevolume.pod_spec(dv(NODE_PULL), pvc(block), block=block,
+                                overhead=0.0 if block else 0.06, preallocation=False,
+                                scratch=scratch, proxy=PROXY, resources=RESOURCES,
+                                workers=WORKERS_SETTINGS,
+                                insecure_registries=("quay.example.com",))
 
 
 def upload(block: bool, *, clone_target: bool = False) -> Obj:
     return importpod.upload_pod_spec(dv({"upload": {}}), pvc(block), block=block,
                                      overhead=0.0 if block else 0.06, preallocation=True,
                                      resources=RESOURCES, tls_secret="cdi-upload-disk",
-                                     scratch=not clone_target)
+                                     scratch=not clone_target, workers=WORKERS_SETTINGS)
 
 
 def clone_source(block: bool) -> Obj:
     source = dv({"pvc": {"name": "golden", "namespace": "images"}})
     return clone_pods.source_pod(source, pvc(False), pvc(block, "golden", "images"),
-                                 "cdi-upload-disk.ns.svc:8443", tls=True, resources=RESOURCES)
+                                 "cdi-upload-disk.ns.svc:8443", tls=True, resources=RESOURCES,
+                                 workers=WORKERS_SETTINGS)
 
 
 # (id, builder, block, component, scratch)
 WORKERS: list[tuple[str, Any, bool, str, bool]] = [
     ("importer-fs", lambda: importer(False), False, "importer", True),
     ("importer-block", lambda: importer(True), True, "importer", False),
+    ("node-pull-fs", lambda: node_pull(False), False, "importer", True),
+    ("node-pull-block", lambda: node_pull(True, scratch=False), True, "importer", False),
     ("upload-fs", lambda: upload(False), False, "cdi-upload-server", True),
     ("upload-block", lambda: upload(True), True, "cdi-upload-server", True),
     ("clone-target", lambda: upload(False, clone_target=True), False, "cdi-upload-server",
@@ -111,6 +134,8 @@ def mounts(pod: Obj) -> dict[str, str]:
             return "pvc:" + v["persistentVolumeClaim"]["claimName"]
         if "secret" in v:
             return "secret:" + v["secret"]["secretName"]
+        if "image" in v:
+            return "image:" + v["image"]["reference"]
         return "configmap:" + v["configMap"]["name"]
 
     c = container(pod)
@@ -298,3 +323,166 @@ def test_scratch_claim_is_owned_by_its_pod_and_kept_out_of_backups() -> None:
         ["ReadWriteOnce"], "Filesystem", "scratch")
     # at least the target's usable space (10Gi less 6%), plus the scratch class's overhead
     assert int(spec["resources"]["requests"]["storage"]) >= int(10 * 2**30 * 0.94)
+
+
+IMAGES = {"importer": "r.example/cdi-importer:1.0",
+          "cdi-upload-server": "r.example/cdi-uploadserver:1.0",
+          "cdi-clone-source": "r.example/cdi-cloner:1.0"}
+COMMANDS = {"importer": "cdi-importer", "cdi-upload-server": "cdi-uploadserver",
+            "cdi-clone-source": "cdi-clone-source"}
+
+
+@pytest.mark.parametrize(("build", "block", "component", "scratch"), params())
+def test_image_and_pull_policy_from_the_worker_settings(build: Any, block: bool,
+                                                        component: str, scratch: bool) -> None:
+    c = container(build())
+    assert (c["name"], c["image"], c["imagePullPolicy"], c["command"]) == (
+        component, IMAGES[component], "IfNotPresent", [COMMANDS[component]])
+
+
+@pytest.mark.parametrize(("build", "block", "component", "scratch"), params())
+def test_worker_pods_pass_the_official_schema(build: Any, block: bool, component: str,
+                                              scratch: bool) -> None:
+    kubernetes_validate.validate(build(), KUBERNETES, strict=True)
+
+
+def test_embedded_workers_are_named_by_their_command() -> None:
+    """`cdi serve`'s pod runner runs the command (``cdi-importer`` is ``python -m
+    importer``) and ignores the image, so the embedded defaults write no pull policy."""
+    pod = importpod.pod_spec(dv(HTTP), pvc(False), block=False, overhead=0.06,
+                             preallocation=False, scratch=False, proxy={}, resources={},
+                             workers=Workers())
+    c = container(pod)
+    assert (c["image"], c["command"], "imagePullPolicy" in c) == (
+        "cdi-importer", ["cdi-importer"], False)
+
+
+def test_node_pull_importer_pod_field_by_field() -> None:
+    """The ordinary importer pod with the DataVolume's image mounted as an OCI image volume
+    (the kubelet pulls it: the pull secret, CA ConfigMap and insecure-registry setting are
+    not the importer's business), CDI's IMPORTER_PULL_METHOD, and the architecture as a
+    node selector (CDI's rule)."""
+    expected = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": "importer-disk", "namespace": "ns",
+            "labels": {"app": "containerized-data-importer", "cdi.kubevirt.io": "importer",
+                       "prometheus.cdi.kubevirt.io": "true"},
+            "annotations": {"sidecar.istio.io/inject": "false", "linkerd.io/inject": "disabled",
+                            "k8s.v1.cni.cncf.io/networks": "storage-net"},
+            "ownerReferences": [{"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                                 "name": "disk", "uid": "disk-uid", "controller": True,
+                                 "blockOwnerDeletion": True}]},
+        "spec": {
+            "restartPolicy": "OnFailure",
+            "containers": [{
+                "name": "importer", "image": "r.example/cdi-importer:1.0",
+                "imagePullPolicy": "IfNotPresent", "command": ["cdi-importer"],
+                "env": [
+                    {"name": "IMPORTER_SOURCE", "value": "registry"},
+                    {"name": "IMPORTER_ENDPOINT",
+                     "value": "docker://quay.example.com/vms/fedora:41"},
+                    {"name": "IMPORTER_CONTENTTYPE", "value": "kubevirt"},
+                    {"name": "IMPORTER_PULL_METHOD", "value": "node"},
+                    {"name": "IMPORTER_IMAGE_SIZE", "value": "10Gi"},
+                    {"name": "http_proxy", "value": "http://proxy:3128"},
+                    {"name": "no_proxy", "value": ".svc"},
+                    {"name": "OWNER_UID", "value": "dv-uid"},
+                    {"name": "FILESYSTEM_OVERHEAD", "value": "0.06"},
+                    {"name": "PREALLOCATION", "value": "false"}],
+                "ports": [{"name": "metrics", "containerPort": 8443, "protocol": "TCP"}],
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "resources": RESOURCES,
+                "volumeMounts": [
+                    {"name": "cdi-data-vol", "mountPath": "/data"},
+                    {"name": "cdi-scratch-vol", "mountPath": "/scratch"},
+                    {"name": "cdi-image-volume", "mountPath": "/containerdisk",
+                     "readOnly": True}],
+                "securityContext": {"allowPrivilegeEscalation": False,
+                                    "capabilities": {"drop": ["ALL"]}}}],
+            "volumes": [
+                {"name": "cdi-data-vol", "persistentVolumeClaim": {"claimName": "disk"}},
+                {"name": "cdi-scratch-vol",
+                 "persistentVolumeClaim": {"claimName": "disk-scratch"}},
+                {"name": "cdi-image-volume",
+                 "image": {"reference": "quay.example.com/vms/fedora:41",
+                           "pullPolicy": "IfNotPresent"}}],
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 107, "fsGroup": 107,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "priorityClassName": "vm-disks",
+            "nodeSelector": {"kubernetes.io/arch": "arm64"}},
+    }
+    pod = node_pull(False)
+    assert pod["metadata"] == expected["metadata"]
+    assert pod["spec"]["containers"] == expected["spec"]["containers"]
+    assert pod["spec"]["volumes"] == expected["spec"]["volumes"]
+    assert pod == expected
+
+
+def test_node_pull_block_target_and_no_pull_policy() -> None:
+    """A block target keeps its device; without a configured pull policy the image volume
+    takes the kubelet's default (as a container image would)."""
+    pod = imagevolume.pod_spec(dv({"registry": {"url": "docker://r.example/os@sha256:" + "a" * 64,
+                                                "pullMethod": "node"}}), pvc(True),
+                               block=True, overhead=0.0, preallocation=True, scratch=False,
+                               proxy={}, resources={}, workers=Workers(image_volumes=True))
+    assert mounts(pod) == {"/dev/cdi-block-volume": "pvc:disk",
+                           "/containerdisk": f"image:r.example/os@sha256:{'a' * 64}"}
+    assert pod["spec"]["volumes"][-1] == {
+        "name": "cdi-image-volume", "image": {"reference": f"r.example/os@sha256:{'a' * 64}"}}
+    assert "nodeSelector" not in pod["spec"]
+    kubernetes_validate.validate(pod, KUBERNETES, strict=True)
+
+
+def test_node_pull_environment_is_the_importers_contract() -> None:
+    """The variables the pod sets are what the importer reads: a node pull from the image
+    volume where the pod mounts it."""
+    env = {e["name"]: e["value"] for e in container(node_pull(False))["env"]}
+    parsed = importer_settings.from_env(env)
+    assert (parsed.source, parsed.pull_method, parsed.endpoint) == (
+        "registry", "node", "docker://quay.example.com/vms/fedora:41")
+    assert str(parsed.image_dir) == imagevolume.IMAGE_DIR
+    assert mounts(node_pull(False))[str(parsed.image_dir)] == \
+        "image:quay.example.com/vms/fedora:41"
+
+
+def test_workload_placement_keeps_the_node_pull_architecture() -> None:
+    pod = importpod.place(node_pull(False), {"nodeSelector": {"kubernetes.io/arch": "amd64",
+                                                              "disk": "ssd"}})
+    assert pod["spec"]["nodeSelector"] == {"kubernetes.io/arch": "arm64", "disk": "ssd"}
+
+
+@pytest.mark.parametrize(("state", "condition"), [
+    ({"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image \"r/os:1\""}},
+     ("False", "ImagePullFailed", "failed to pull image: Back-off pulling image \"r/os:1\"")),
+    ({"waiting": {"reason": "InvalidImageName"}},
+     ("False", "ImagePullFailed", "failed to pull image: r.example/cdi-importer:1.0")),
+    ({"waiting": {"reason": "CreateContainerConfigError", "message": 'secret "s" not found'}},
+     ("False", "CreateContainerConfigError", 'secret "s" not found')),
+    ({"waiting": {"reason": "ContainerCreating"}}, None),
+    ({"running": {}}, None),
+])
+def test_a_waiting_worker_says_why(state: Obj, condition: tuple[str, str, str] | None) -> None:
+    """What only the cluster can fix (CDI's rules): a missing Secret, an image the node
+    cannot pull (a node-pull importer's image volume is pulled the same way)."""
+    assert importpod.waiting({"image": "r.example/cdi-importer:1.0", "state": state}) == \
+        condition
+
+
+def test_what_a_backend_refuses_of_a_registry_source() -> None:
+    """Node pull needs image volumes (the embedded backend has none; its message names
+    it); an OpenShift ImageStream is refused everywhere; a URL with pod pull never."""
+    stream = dv({"registry": {"imageStream": "fedora", "pullMethod": "node"}})
+    assert imagevolume.refusal(dv(NODE_PULL), backend="embedded", workers=Workers()) == (
+        "registry pullMethod node is not supported on the embedded backend; "
+        "use pullMethod pod (the default)")
+    assert imagevolume.refusal(stream, backend="embedded", workers=Workers()) == (
+        "registry pullMethod node is not supported on the embedded backend; "
+        "use pullMethod pod (the default)")
+    assert imagevolume.refusal(dv(NODE_PULL), backend="Kubernetes",
+                               workers=WORKERS_SETTINGS) is None
+    assert imagevolume.refusal(stream, backend="Kubernetes", workers=WORKERS_SETTINGS) == (
+        "registry imageStream (an OpenShift ImageStream) is not supported; use url")
+    pod_pull = dv({"registry": {"url": "docker://r.example/os:1"}})
+    assert imagevolume.refusal(pod_pull, backend="embedded", workers=Workers()) is None
+    assert imagevolume.refusal(dv(HTTP), backend="embedded", workers=Workers()) is None
