@@ -23,6 +23,7 @@ import requests
 from cdi.api.kinds import BY_KIND
 from cdi.cli.client import Client, StatusError
 from cdi.cli.options import CommandError, api_command
+from cdi.cli.wait import TimedOut, follow
 from importer import formats, units
 from importer.upload.sparse import MEDIA_TYPE as SPARSE_TYPE
 from importer.upload.sparse import encode as sparse_encode
@@ -78,44 +79,50 @@ def _claim(name: str, namespace: str, storage: dict[str, Any], *, archive: bool,
 def _wait_claim(client: Client, name: str, namespace: str, *, done: bool,
                 timeout: float) -> None:
     """pvc mode: wait for the upload server (ready) or for the end of processing (done)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pvc = client.get(BY_KIND["PersistentVolumeClaim"], name, namespace)
-        ann = pvc["metadata"].get("annotations", {})
-        if UPLOAD_TARGET not in ann:
-            raise CommandError(f"error: PVC {namespace}/{name} is not an upload target "
-                               f"(it has no {UPLOAD_TARGET} annotation)")
-        phase = ann.get(POD_PHASE, "")
-        if phase == "Succeeded":
-            if done:
+    phase = ""
+    try:
+        for pvc in follow(client, BY_KIND["PersistentVolumeClaim"], name, namespace,
+                          time.monotonic() + timeout):
+            if pvc is None:
+                raise CommandError(f"error: PVC {namespace}/{name} was deleted")
+            ann = pvc["metadata"].get("annotations", {})
+            if UPLOAD_TARGET not in ann:
+                raise CommandError(f"error: PVC {namespace}/{name} is not an upload target "
+                                   f"(it has no {UPLOAD_TARGET} annotation)")
+            phase = ann.get(POD_PHASE, "")
+            if phase == "Succeeded":
+                if done:
+                    return
+                raise CommandError(f"error: PVC {namespace}/{name} has already been uploaded to")
+            if phase == "Failed":
+                raise CommandError(f"error: upload failed: {ann.get(RUNNING_MESSAGE, '')}")
+            if not done and phase == "Running" and ann.get(POD_READY) == "true":
                 return
-            raise CommandError(f"error: PVC {namespace}/{name} has already been uploaded to")
-        if phase == "Failed":
-            raise CommandError(f"error: upload failed: {ann.get(RUNNING_MESSAGE, '')}")
-        if not done and phase == "Running" and ann.get(POD_READY) == "true":
-            return
-        if time.monotonic() > deadline:
-            wanted = "processed" if done else "ready for upload"
-            raise CommandError(f"error: timed out waiting for PVC {namespace}/{name} to be "
-                               f"{wanted} (upload server {phase or 'not started'})")
-        time.sleep(POLL)
+    except TimedOut:
+        wanted = "processed" if done else "ready for upload"
+        raise CommandError(f"error: timed out waiting for PVC {namespace}/{name} to be "
+                           f"{wanted} (upload server {phase or 'not started'})") from None
 
 
 def _wait_phase(client: Client, name: str, namespace: str, wanted: tuple[str, ...],
                 timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        dv = client.get(BY_KIND["DataVolume"], name, namespace)
-        phase = dv.get("status", {}).get("phase", "")
-        if phase in wanted:
-            return dv
-        if phase == "Failed":
-            running = {c["type"]: c for c in dv["status"].get("conditions", [])}.get("Running", {})
-            raise CommandError(f"error: upload failed: {running.get('message', '')}")
-        if time.monotonic() > deadline:
-            raise CommandError(f"error: timed out waiting for DataVolume {namespace}/{name} to "
-                               f"be {' or '.join(wanted)} (it is {phase or 'Pending'})")
-        time.sleep(POLL)
+    phase = ""
+    try:
+        for dv in follow(client, BY_KIND["DataVolume"], name, namespace,
+                         time.monotonic() + timeout):
+            if dv is None:
+                raise CommandError(f"error: DataVolume {namespace}/{name} was deleted")
+            phase = dv.get("status", {}).get("phase", "")
+            if phase in wanted:
+                return dv
+            if phase == "Failed":
+                running = {c["type"]: c for c in dv["status"].get("conditions", [])
+                           }.get("Running", {})
+                raise CommandError(f"error: upload failed: {running.get('message', '')}")
+    except TimedOut:
+        pass
+    raise CommandError(f"error: timed out waiting for DataVolume {namespace}/{name} to "
+                       f"be {' or '.join(wanted)} (it is {phase or 'Pending'})")
 
 
 class _Progress:

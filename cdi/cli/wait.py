@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -89,28 +90,42 @@ def wait(client: Client, resources: tuple[str, ...], for_: str, timeout: str,
 
 def _wait_one(client: Client, kind: Kind, name: str, namespace: str | None, goal: Goal,
               deadline: float) -> None:
+    for obj in follow(client, kind, name, namespace, deadline, missing_ok=goal.delete):
+        if obj is None:
+            if goal.delete:
+                return
+        elif not goal.delete and goal.met(obj):
+            return
+
+
+def follow(client: Client, kind: Kind, name: str, namespace: str | None, deadline: float,
+           *, missing_ok: bool = False) -> Iterator[dict[str, Any] | None]:
+    """The object now, then each new version of it as it changes, until DEADLINE (TimedOut).
+
+    None stands for "deleted" (or, with MISSING_OK, not there when read); without
+    MISSING_OK a missing object raises the 404.  A watch the server ends is
+    re-read and watched again, so no change is missed and none waits for a poll.
+    """
     while True:
         try:
             obj = client.get(kind, name, namespace)
         except StatusError as e:
-            if e.code == 404 and goal.delete:
-                return
-            raise
-        if not goal.delete and goal.met(obj):
-            return
+            if e.code == 404 and missing_ok:
+                yield None
+                obj = None
+            else:
+                raise
+        if obj is not None:
+            yield obj
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimedOut
-        version = (obj.get("metadata") or {}).get("resourceVersion")
+        version = ((obj or {}).get("metadata") or {}).get("resourceVersion")
         try:
             for event in client.watch(kind, namespace, resource_version=version,
                                       field_selector=f"metadata.name={name}",
                                       timeout_seconds=max(1, math.ceil(remaining))):
-                if event.get("type") == "DELETED":
-                    if goal.delete:
-                        return
-                elif not goal.delete and goal.met(event.get("object") or {}):
-                    return
+                yield None if event.get("type") == "DELETED" else (event.get("object") or {})
                 if time.monotonic() >= deadline:
                     raise TimedOut
         except StatusError as e:
