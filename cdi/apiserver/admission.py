@@ -9,7 +9,10 @@ same way) before validation, as mutating webhooks run before validating ones:
   update of a DataVolume): a clone from another namespace needs, for a PVC
   source, ``create`` on ``cdi.kubevirt.io/datavolumes/source`` (named as the
   source) or ``create pods`` in the source namespace; for a snapshot source,
-  ``datavolumes/source`` or both ``pods`` and ``pvcs``.  Refused with CDI's
+  ``datavolumes/source`` or both ``pods`` and ``pvcs``.  The source is the
+  DataVolume's own, or the claim or snapshot its ``sourceRef`` resolves to,
+  through a DataSource that refers to another one too (:func:`clone_source_of`,
+  the resolution the clone controller uses).  Refused with CDI's
   message "User <u> has insufficient permissions in clone source namespace
   <ns>" (``authorize_utils.go``) and 422: CDI's webhook answers
   ``toRejectedAdmissionResponse`` with ``Code: 422``, and kube-apiserver
@@ -29,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from cdi.api import errors
+from cdi.api import errors, sourceref
 from cdi.api.kinds import CDI, RBAC
 from cdi.apiserver.auth import UserInfo
 from cdi.apiserver.rbac import (
@@ -42,7 +45,7 @@ from cdi.apiserver.rbac import (
     quote_list,
     rules_of,
 )
-from cdi.backends.port import Obj
+from cdi.backends.port import Obj, ObjectStore
 
 PRE_POPULATED = "cdi.kubevirt.io/storage.prePopulated"
 CHECK_STATIC_VOLUME = "cdi.kubevirt.io/storage.checkStaticVolume"
@@ -53,11 +56,16 @@ FULL_AUTHORITY = (Rule(verbs=(ALL,), api_groups=(ALL,), resources=(ALL,)),
 
 @dataclasses.dataclass(frozen=True)
 class AdmissionRequest:
-    """Who writes, and the authorizer to ask about them."""
+    """Who writes, and the authorizer to ask about them.
+
+    ``clone_source`` is what a DataVolume clones, read beforehand with
+    :func:`clone_source_of` (a ``sourceRef`` needs DataSources read); a
+    DataVolume's own ``source.pvc``/``source.snapshot`` is checked without it.
+    """
 
     user: UserInfo
     authorizer: Policy
-    datasource: Obj | None = None  # what a DataVolume's sourceRef names, read beforehand
+    clone_source: sourceref.CloneSource | None = None
 
 
 def admit(new: Obj, old: Obj | None, request: AdmissionRequest) -> None:
@@ -99,26 +107,29 @@ def can_clone(authorizer: Authorizer, user: str, groups: Sequence[str], source_n
     return False, insufficient_permissions(user, source_namespace)
 
 
-def clone_source(dv: Obj, datasource: Obj | None) -> tuple[str, str, bool] | None:
-    """(namespace, name, is a snapshot) of what DV clones; None if it clones nothing.
+async def clone_source_of(store: ObjectStore, obj: Obj) -> sourceref.CloneSource | None:
+    """What OBJ, a DataVolume being written, clones: resolved through its ``sourceRef`` and
+    the DataSource that one refers to exactly as the clone controller resolves it, so
+    the check (and on Kubernetes the token) names the claim or snapshot it will copy.
 
-    A ``sourceRef`` clones what the DataSource (DATASOURCE, read beforehand) names.
+    None when OBJ is no DataVolume, clones nothing, or its reference leads nowhere (a
+    missing DataSource, a reference chain CDI refuses): the controller clones nothing
+    then either, and on Kubernetes a clone across namespaces without a token is never
+    started.
     """
-    meta = dv.get("metadata") or {}
-    source = (dv.get("spec") or {}).get("source") or {}
-    target = str(meta.get("namespace") or "")
-    if not source and datasource is not None:
-        ds_source = (datasource.get("spec") or {}).get("source") or {}
-        ds_ns = str((datasource.get("metadata") or {}).get("namespace") or target)
-        source = {k: {**v, "namespace": v.get("namespace") or ds_ns}
-                  for k, v in ds_source.items() if k in ("pvc", "snapshot") and
-                  isinstance(v, dict)}
-    ref, snapshot = source.get("pvc"), False
-    if not isinstance(ref, dict):
-        ref, snapshot = source.get("snapshot"), True
-    if not isinstance(ref, dict):
+    if obj.get("kind") != "DataVolume":
         return None
-    return str(ref.get("namespace") or target), str(ref.get("name") or ""), snapshot
+
+    async def datasource(namespace: str, name: str) -> Obj | None:
+        try:
+            return await store.get("DataSource", name, namespace)
+        except errors.NotFound:
+            return None
+
+    try:
+        return await sourceref.clone_source(obj, datasource)
+    except sourceref.Unresolved:
+        return None
 
 
 def clone_refused(dv: Obj, reason: str) -> errors.Invalid:
@@ -134,13 +145,14 @@ def admit_clone(dv: Obj, request: AdmissionRequest) -> None:
     meta = dv.get("metadata") or {}
     if meta.get("deletionTimestamp"):
         return
-    source = clone_source(dv, request.datasource)
+    namespace = str(meta.get("namespace") or "")
+    source = request.clone_source or sourceref.named(
+        (dv.get("spec") or {}).get("source") or {}, namespace)
     if source is None:
         return
     user = request.user
-    allowed, reason = can_clone(request.authorizer, user.name, user.groups, source[0],
-                                source[1], str(meta.get("namespace") or ""),
-                                snapshot=source[2])
+    allowed, reason = can_clone(request.authorizer, user.name, user.groups, source.namespace,
+                                source.name, namespace, snapshot=source.snapshot)
     # CDI lets prePopulated/checkStaticVolume DataVolumes through because it never
     # clones them; the embedded controllers do not honour those annotations, so
     # they get the same check as any clone.

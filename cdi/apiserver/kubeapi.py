@@ -285,22 +285,24 @@ def datavolume_mutator(store: ObjectStore, reviewer: review.AccessReviewer,
         original = req["object"]
         modified = copy.deepcopy(original)
         validation.default_source_namespace(modified)
-        datasource = await _datasource(store, dv)
-        source = admission.clone_source(dv, datasource)
+        source = await admission.clone_source_of(store, dv)
         if source is not None:
             info = req.get("userInfo") or {}
             user = UserInfo(str(info.get("username") or ""),
                             tuple(str(g) for g in info.get("groups") or ()))
-            answers = await review.snapshot(reviewer, review.clone_questions(user, *source[:2]))
+            answers = await review.snapshot(reviewer, review.clone_questions(
+                user, source.namespace, source.name))
             target_ns = str(dv["metadata"].get("namespace") or "")
-            allowed, reason = admission.can_clone(answers, user.name, user.groups, source[0],
-                                                  source[1], target_ns, snapshot=source[2])
+            allowed, reason = admission.can_clone(answers, user.name, user.groups,
+                                                  source.namespace, source.name, target_ns,
+                                                  snapshot=source.snapshot)
             if not allowed:
                 return _invalid(admission.clone_refused(dv, reason))
             if req.get("operation") == "CREATE":
                 clone_token = tokens.issue(
-                    key, namespace=source[0], name=source[1], operation=tokens.CLONE,
-                    resource=tokens.SNAPSHOT_RESOURCE if source[2] else tokens.PVC_RESOURCE,
+                    key, namespace=source.namespace, name=source.name, operation=tokens.CLONE,
+                    resource=tokens.SNAPSHOT_RESOURCE if source.snapshot
+                    else tokens.PVC_RESOURCE,
                     params={"targetNamespace": target_ns,
                             "targetName": str(dv["metadata"].get("name") or "")})
                 modified.setdefault("metadata", {}).setdefault("annotations", {})[
@@ -311,17 +313,6 @@ def datavolume_mutator(store: ObjectStore, reviewer: review.AccessReviewer,
         return {"allowed": True, "patchType": "JSONPatch",
                 "patch": base64.b64encode(json.dumps(ops).encode()).decode()}
     return admit
-
-
-async def _datasource(store: ObjectStore, dv: Obj) -> Obj | None:
-    ref = (dv.get("spec") or {}).get("sourceRef") or {}
-    if ref.get("kind") != "DataSource" or not ref.get("name"):
-        return None
-    try:
-        return await store.get("DataSource", str(ref["name"]),
-                               str(ref.get("namespace") or dv["metadata"].get("namespace")))
-    except errors.NotFound:
-        return None
 
 
 def admission_handler(admit: Admit) -> Callable[[web.Request], Awaitable[web.Response]]:

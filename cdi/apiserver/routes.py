@@ -223,24 +223,10 @@ async def _admit(request: web.Request, new: Obj, old: Obj | None) -> None:
     if user_admit is not None:
         user_admit(new, old, admission.AdmissionRequest(
             auth.user_of(request), rbac.policy_of(request),
-            datasource=await _referenced_datasource(request.app[STORE], new)))
+            clone_source=await admission.clone_source_of(request.app[STORE], new)))
     admit = request.app[ADMIT]
     if admit is not None:
         admit(new, old)
-
-
-async def _referenced_datasource(store: ObjectStore, obj: Obj) -> Obj | None:
-    """The DataSource a DataVolume's ``sourceRef`` names, for the clone check (None if none)."""
-    if obj.get("kind") != "DataVolume":
-        return None
-    ref = (obj.get("spec") or {}).get("sourceRef") or {}
-    if ref.get("kind") != "DataSource" or not ref.get("name"):
-        return None
-    ns = ref.get("namespace") or (obj.get("metadata") or {}).get("namespace") or "default"
-    try:
-        return await store.get("DataSource", str(ref["name"]), str(ns))
-    except errors.NotFound:
-        return None
 
 
 def _log_write(verb: str, obj: Obj, subresource: str | None = None) -> None:

@@ -11,7 +11,8 @@ DataImportCron rely on, so they follow CDI's rules and wording exactly:
   reason; neither gives ``NotFound``;
 - a snapshot is ready when ``status.readyToUse`` is true;
 - a reference is resolved once: a reference to itself, to another namespace, to
-  a missing DataSource or to one that refers on again is an error reason;
+  a missing DataSource or to one that refers on again is an error reason
+  (``cdi.api.sourceref``, which admission and the clone controller resolve with);
 - ``status.source`` is the resolved source while Ready, else empty.
 
 The dependents (claims, DataVolumes, snapshots, referenced DataSources) change
@@ -29,31 +30,25 @@ import datetime
 import logging
 from collections.abc import Callable, Iterable
 
-from cdi.api import errors
-from cdi.api.kinds import lookup
+from cdi.api import errors, sourceref
+from cdi.api.sourceref import REASON_NOT_FOUND
 from cdi.backends.port import Obj, ObjectStore
 from cdi.controllers.runtime import Key, Mapper, Result
 
 log = logging.getLogger(__name__)
 
 READY = "Ready"
-# Reasons, as CDI's datasource-controller.go and controller/common/util.go spell them.
+# Reasons, as CDI's datasource-controller.go spells them (those of a reference that
+# leads nowhere are sourceref's, which resolves references for every reader).
 REASON_READY = "Ready"
-REASON_NOT_FOUND = "NotFound"
 REASON_NO_SOURCE = "NoSource"
 REASON_SNAPSHOT_NOT_READY = "SnapshotNotReady"
-REASON_MAX_DEPTH = "MaxReferenceDepthReached"
-REASON_SELF_REFERENCE = "SelfReference"
-REASON_CROSS_NAMESPACE = "CrossNamespaceReference"
 MSG_READY = "DataSource is ready to be consumed"
 MSG_NO_SOURCE = "No source PVC set"
 MSG_PVC_NOT_FOUND = "PVC not found"
 MSG_SNAPSHOT_NOT_FOUND = "Snapshot not found"
 MSG_SNAPSHOT_NOT_READY = "Snapshot phase is not ready"
 MSG_DV_PHASE = "Import DataVolume phase {phase}"
-MSG_MAX_DEPTH = "DataSource reference chain exceeds maximum depth of 1"
-MSG_SELF_REFERENCE = "DataSource cannot self-reference"
-MSG_CROSS_NAMESPACE = "DataSource cannot reference a DataSource in another namespace"
 
 # What a DataSource depends on: ("claim" | "snapshot" | "dataSource", namespace, name).
 # A claim and its DataVolume share the name, so both map through "claim".
@@ -64,22 +59,6 @@ Readiness = tuple[str, str, str]  # condition status, reason, message
 
 def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-class _ReferenceError(Exception):
-    """The reference cannot be resolved; REASON and MESSAGE go in the condition."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-
-def not_found_message(kind: str, name: str) -> str:
-    """Kubernetes' wording of a missing object, which CDI puts in the condition."""
-    k = lookup(kind)
-    resource = f"{k.plural}.{k.group}" if k.group else k.plural
-    return f'{resource} "{name}" not found'
 
 
 def targets_of(source: Obj, namespace: str) -> set[Target]:
@@ -166,8 +145,8 @@ class DataSourceController:
         targets = targets_of(source, ns)
         self._index(key, targets)  # before reading what the targets name
         try:
-            resolved = await self._resolve(ns, name, source)
-        except _ReferenceError as e:
+            resolved = await sourceref.resolve(ds, self._datasource)
+        except sourceref.Unresolved as e:
             log.info("[%s/%s] datasource: %s", ns, name, e.message)
             readiness: Readiness = ("False", e.reason, e.message)
             resolved = {}
@@ -188,27 +167,8 @@ class DataSourceController:
                 log.info("[%s/%s] datasource: Ready=%s reason=%s", ns, name, *readiness[:2])
         return None
 
-    async def _resolve(self, ns: str, name: str, source: Obj) -> Obj:
-        """The source to use: SOURCE itself, or that of the DataSource it refers to."""
-        ref = source.get("dataSource")
-        if not isinstance(ref, dict):
-            return source
-        ref_ns = ref.get("namespace") or ns
-        ref_name = ref.get("name") or ""
-        if ref_ns != ns:
-            raise _ReferenceError(REASON_CROSS_NAMESPACE, MSG_CROSS_NAMESPACE)
-        if ref_name == name:
-            raise _ReferenceError(REASON_SELF_REFERENCE, MSG_SELF_REFERENCE)
-        try:
-            target = await self._store.get("DataSource", ref_name, ref_ns) if ref_name else None
-        except errors.NotFound:
-            target = None
-        if target is None:
-            raise _ReferenceError(REASON_NOT_FOUND, not_found_message("DataSource", ref_name))
-        resolved: Obj = (target.get("spec") or {}).get("source") or {}
-        if resolved.get("dataSource") is not None:
-            raise _ReferenceError(REASON_MAX_DEPTH, MSG_MAX_DEPTH)
-        return resolved
+    async def _datasource(self, ns: str, name: str) -> Obj | None:
+        return await self._get("DataSource", name, ns)
 
     async def _readiness(self, ns: str, source: Obj) -> Readiness:
         if isinstance(source.get("pvc"), dict):

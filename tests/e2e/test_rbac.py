@@ -162,6 +162,70 @@ def test_seed_cross_namespace_clone_rbac(server: Server) -> None:
         p.stderr
 
 
+def _volume(server: Server, claim: str, namespace: str) -> Path:
+    """The file behind a filesystem claim of `cdi serve`."""
+    pv = server.get("pvc", claim, namespace)["spec"]["volumeName"]
+    return server.data_dir / "volumes" / pv / "disk.img"
+
+
+def test_a_datasource_chain_is_checked_against_the_claim_it_ends_at(server: Server) -> None:
+    """DataVolume -> DataSource "latest" -> DataSource "fedora" -> claim source-ns/golden:
+    the service account, which may make DataSources in its own namespace, clones from
+    source-ns through them only once the seed's binding lets it clone from there."""
+    for ns in ("source-ns", "target-ns"):
+        namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+        assert server.create(namespace).status_code in (201, 409)
+    golden = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+              "metadata": {"name": "golden", "namespace": "source-ns"},
+              "spec": {"source": {"blank": {}},
+                       "storage": {"resources": {"requests": {"storage": "8Mi"}}}}}
+    assert server.create(golden).status_code == 201
+    server.wait_for("dv", "golden", lambda o: o.get("status", {}).get("phase") == "Succeeded",
+                    namespace="source-ns")
+    content = bytes(range(256)) * 4096  # 1 MiB that is not zeros, 3 MiB in
+    with _volume(server, "golden", "source-ns").open("r+b") as f:
+        f.seek(3 << 20)
+        f.write(content)
+
+    token, _ = make_token(server, "--service-account", "target-ns/default")
+    apply(server, EDIT_IN_TARGET, "edit.yaml")
+    by_ref = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+              "metadata": {"name": "vm-disk", "namespace": "target-ns"},
+              "spec": {"sourceRef": {"kind": "DataSource", "name": "latest"},
+                       "storage": {"resources": {"requests": {"storage": "8Mi"}}}}}
+    with as_token(server, token) as s:
+        for name, source in (("fedora", {"pvc": {"namespace": "source-ns", "name": "golden"}}),
+                             ("latest", {"dataSource": {"name": "fedora"}})):
+            r = s.post(server.path("das", None, "target-ns"), timeout=10, json={
+                "apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataSource",
+                "metadata": {"name": name, "namespace": "target-ns"},
+                "spec": {"source": source}})
+            assert r.status_code == 201, r.text
+        r = s.post(server.path("dv", None, "target-ns"), json=by_ref, timeout=10)
+        message = ("User system:serviceaccount:target-ns:default has insufficient "
+                   "permissions in clone source namespace source-ns")
+        assert (r.status_code, r.json()["message"], r.json()["reason"]) == (
+            422, message, "Invalid")
+        assert r.json()["details"]["causes"] == [{
+            "reason": "FieldValueInvalid", "field": "spec.source.PVC.namespace",
+            "message": message}]
+        assert s.get(server.path("dv", "vm-disk", "target-ns"), timeout=10).status_code == 404
+
+        apply(server, CLUSTER_ROLE, "datavolume-cloner.yaml")
+        apply(server, ROLE_BINDING, "allow-clone-to-user.yaml")
+        r = s.post(server.path("dv", None, "target-ns"), json=by_ref, timeout=10)
+        assert r.status_code == 201, r.text
+    dv = server.wait_for("dv", "vm-disk",
+                         lambda o: o.get("status", {}).get("phase") in ("Succeeded", "Failed"),
+                         namespace="target-ns", timeout=90)
+    assert dv["status"]["phase"] == "Succeeded", dv["status"]
+    with _volume(server, "vm-disk", "target-ns").open("rb") as f:
+        f.seek(3 << 20)
+        assert f.read(len(content)) == content
+    assert server.get("pvc", "vm-disk", "target-ns")["metadata"]["annotations"][
+        "k8s.io/CloneRequest"] == "source-ns/golden"
+
+
 def test_cdi_view_lets_a_user_read_but_not_create(server: Server) -> None:
     assert server.create({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
                           "metadata": {"name": "blank"},

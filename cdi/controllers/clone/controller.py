@@ -32,7 +32,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from cdi.api import defaults, pki
+from cdi.api import defaults, pki, sourceref
 from cdi.api import errors as api_errors
 from cdi.backends.port import Obj, ObjectStore
 from cdi.controllers import events, importpod
@@ -183,48 +183,22 @@ class CloneController(DataVolumeController):
     # -- sources ------------------------------------------------------------------
 
     async def _source_of(self, dv: Obj) -> tuple[str, str, str]:
-        """("pvc" | "snapshot", namespace, name) of what the DataVolume clones."""
-        ns = dv["metadata"]["namespace"]
-        source = dv["spec"].get("source") or {}
-        for kind in ("pvc", "snapshot"):
-            if kind in source:
-                return kind, source[kind].get("namespace") or ns, source[kind]["name"]
-        ref = dv["spec"].get("sourceRef")
-        if source or not ref:
+        """("pvc" | "snapshot", namespace, name) of what the DataVolume clones, resolved as
+        admission resolved it for the permission check and the token (``sourceref``)."""
+        key = (dv["metadata"]["namespace"], dv["metadata"]["name"])
+
+        async def datasource(ns: str, name: str) -> Obj | None:
+            # Noted before the read, so a DataSource made or changed after it wakes us.
+            self._waiting_on.setdefault((ns, name), set()).add(key)
+            return await self._get("DataSource", name, ns)
+
+        try:
+            source = await sourceref.clone_source(dv, datasource)
+        except sourceref.Unresolved as e:
+            raise _NoSource(e.reason, e.message) from e
+        if source is None:
             raise _NoSource("", "")
-        if ref.get("kind") != "DataSource":
-            raise _NoSource("UnsupportedSource", f"sourceRef kind {ref.get('kind')} is not "
-                                                 "supported; use DataSource")
-        ds_ns = ref.get("namespace") or ns
-        self._waiting_on.setdefault((ds_ns, ref["name"]), set()).add((ns, dv["metadata"]["name"]))
-        ds = await self._get("DataSource", ref["name"], ds_ns)
-        if ds is None:
-            raise _NoSource("CloneWithoutSource", f"DataSource {ds_ns}/{ref['name']} not found")
-        ds_source = (ds.get("spec") or {}).get("source") or {}
-        chained = ds_source.get("dataSource")
-        if isinstance(chained, dict):  # one level of reference, as CDI resolves it
-            what = f"DataSource {ds_ns}/{ref['name']}"
-            if (chained.get("namespace") or ds_ns) != ds_ns:
-                raise _NoSource("CloneWithoutSource", f"{what}: DataSource cannot reference a "
-                                                      "DataSource in another namespace")
-            if chained.get("name") == ref["name"]:
-                raise _NoSource("CloneWithoutSource",
-                                f"{what}: DataSource cannot self-reference")
-            self._waiting_on.setdefault((ds_ns, chained.get("name") or ""), set()).add(
-                (ns, dv["metadata"]["name"]))
-            target = await self._get("DataSource", chained.get("name") or "", ds_ns)
-            if target is None:
-                raise _NoSource("CloneWithoutSource",
-                                f"DataSource {ds_ns}/{chained.get('name')} not found")
-            ds_source = (target.get("spec") or {}).get("source") or {}
-            if ds_source.get("dataSource") is not None:
-                raise _NoSource("CloneWithoutSource", f"{what}: DataSource reference chain "
-                                                      "exceeds maximum depth of 1")
-        for kind in ("pvc", "snapshot"):
-            if ds_source.get(kind):
-                return kind, ds_source[kind].get("namespace") or ds_ns, ds_source[kind]["name"]
-        raise _NoSource("CloneWithoutSource",
-                        f"DataSource {ds_ns}/{ref['name']} has no pvc or snapshot source")
+        return source.kind, source.namespace, source.name
 
     async def _start_from_snapshot(self, dv: Obj, snap_ns: str, snap_name: str
                                    ) -> Result | None:
@@ -607,8 +581,9 @@ class CloneController(DataVolumeController):
             await importpod.workload(self._store))]
         if tls and socket is None:
             assert self._client_signer is not None and self._upload_tls is not None
+            # The bundle: a target made before a CA rotation has a certificate of the old CA.
             objects.insert(0, pods.source_secret(dv, target, src, self._client_signer,
-                                                 self._upload_tls.signer.cert_pem))
+                                                 self._upload_tls.signer.bundle_pem))
         for obj in objects:
             try:
                 await self._store.create(obj)

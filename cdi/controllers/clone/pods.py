@@ -58,7 +58,8 @@ def clone_for(target: Obj) -> str:
 
 def source_secret(dv: Obj, target: Obj, src: Obj, client_signer: pki.Signer,
                   server_ca_pem: bytes) -> Obj:
-    """The source worker's client certificate and the CA of the upload servers."""
+    """The source worker's client certificate and the CAs of the upload servers
+    (SERVER_CA_PEM: the server signer's bundle, which keeps the CA before a rotation)."""
     src_meta, meta = src["metadata"], target["metadata"]
     issued = client_signer.issue(
         client_name(src_meta["namespace"], src_meta["name"], meta["namespace"], meta["name"]),

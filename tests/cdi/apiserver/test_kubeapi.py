@@ -357,6 +357,60 @@ def test_mutating_webhook_checks_the_clone_and_signs_a_token(api: KubeApi) -> No
                    admission_review("CREATE", blank))["response"]["allowed"] is True
 
 
+def datasource(name: str, source: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": f"{CDI}/v1beta1", "kind": "DataSource",
+            "metadata": {"name": name, "namespace": "target"}, "spec": {"source": source}}
+
+
+def by_ref(name: str) -> dict[str, Any]:
+    return {"apiVersion": f"{CDI}/v1beta1", "kind": "DataVolume",
+            "metadata": {"name": "copy", "namespace": "target"},
+            "spec": {"sourceRef": {"kind": "DataSource", "name": name},
+                     "storage": {"resources": {"requests": {"storage": "1Gi"}}}}}
+
+
+def test_mutating_webhook_follows_a_datasource_reference(api: KubeApi) -> None:
+    """A DataSource that refers to another: the check and the token are about the claim
+    or snapshot at the end, as the clone controller resolves it."""
+    for obj in (datasource("fedora", {"pvc": {"namespace": "golden", "name": "golden-disk"}}),
+                datasource("latest", {"dataSource": {"name": "fedora"}}),
+                datasource("snap", {"snapshot": {"namespace": "golden", "name": "s1"}}),
+                datasource("latest-snap", {"dataSource": {"name": "snap"}}),
+                datasource("db", {"pvc": {"namespace": "secret", "name": "db"}}),
+                datasource("innocent", {"dataSource": {"name": "db"}}),
+                datasource("loop", {"dataSource": {"name": "loop"}})):
+        assert api.loop is not None
+        asyncio.run_coroutine_threadsafe(api.store.create(obj), api.loop).result(timeout=10)
+
+    for name, resource, source in (("latest", tokens.PVC_RESOURCE, "golden-disk"),
+                                   ("latest-snap", tokens.SNAPSHOT_RESOURCE, "s1")):
+        response = webhook(api, "/datavolume-mutate",
+                           admission_review("CREATE", by_ref(name)))["response"]
+        assert response["allowed"] is True
+        [op] = _patch(response)
+        claims = tokens.verify(api.signing_key.public_key(),
+                               op["value"][kubeapi.ANN_CLONE_TOKEN])
+        tokens.check(claims, operation=tokens.CLONE, namespace="golden", name=source,
+                     resource=resource)
+        assert dict(claims.params) == {"targetNamespace": "target", "targetName": "copy"}
+
+    # alice may not clone from "secret", which "innocent" leads to.
+    response = webhook(api, "/datavolume-mutate",
+                       admission_review("CREATE", by_ref("innocent")))["response"]
+    assert (response["allowed"], response["status"]["code"], response["status"]["message"]) \
+        == (False, 422, " User alice has insufficient permissions in clone source "
+                        "namespace secret")
+    assert response["status"]["details"]["causes"] == [{
+        "reason": "FieldValueInvalid", "field": "spec.source.PVC.namespace",
+        "message": "User alice has insufficient permissions in clone source namespace secret"}]
+
+    # A reference that leads nowhere clones nothing, so there is nothing to check or sign
+    # (CDI's webhook sees no source either); the controller waits and copies nothing.
+    for name in ("loop", "missing"):
+        assert webhook(api, "/datavolume-mutate", admission_review("CREATE", by_ref(name))
+                       )["response"] == {"uid": "0f6d-uid", "allowed": True}
+
+
 def test_json_patch_of_nested_changes() -> None:
     old = {"a": {"b": 1, "c": [1]}, "gone": 1, "we/ird~": 1}
     new = {"a": {"b": 2, "c": [1, 2], "d": {}}, "we/ird~": 2}

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from cdi.api import errors, validation
 from cdi.api.rbac_defaults import DEFAULTS
+from cdi.api.sourceref import CloneSource
 from cdi.apiserver import admission, auth, rbac
 from cdi.apiserver.admission import AdmissionRequest, can_clone
 from cdi.apiserver.app import create_app
@@ -393,19 +394,18 @@ def test_clone_admission() -> None:
             admission.admit(clone_dv("target-ns", "other", **{
                 f"cdi.kubevirt.io/{annotation}": "x"}), None, sa)
     admission.admit(clone_dv("target-ns", "other"), None, AdmissionRequest(auth.ADMIN, Policy()))
-    # A sourceRef is checked against what its DataSource names.
+    # A sourceRef is checked against what it resolves to, read beforehand
+    # (admission.clone_source_of: tests/cdi/apiserver/test_clone_chain.py).
     by_ref = {"apiVersion": f"{CDI}/v1beta1", "kind": "DataVolume",
               "metadata": {"name": "copy", "namespace": "target-ns"},
               "spec": {"sourceRef": {"kind": "DataSource", "name": "golden"},
                        "storage": {"resources": {"requests": {"storage": "1Gi"}}}}}
-    ds = {"apiVersion": f"{CDI}/v1beta1", "kind": "DataSource",
-          "metadata": {"name": "golden", "namespace": "target-ns"},
-          "spec": {"source": {"pvc": {"name": "golden", "namespace": "other"}}}}
     with pytest.raises(errors.Invalid) as e:
-        admission.admit(by_ref, None, AdmissionRequest(SA_DEFAULT, POLICY, datasource=ds))
+        admission.admit(by_ref, None, AdmissionRequest(
+            SA_DEFAULT, POLICY, clone_source=CloneSource("pvc", "other", "golden")))
     assert e.value.status()["message"] == message
-    allowed = {**ds, "spec": {"source": {"pvc": {"name": "golden", "namespace": "source-ns"}}}}
-    admission.admit(by_ref, None, AdmissionRequest(SA_DEFAULT, POLICY, datasource=allowed))
+    admission.admit(by_ref, None, AdmissionRequest(
+        SA_DEFAULT, POLICY, clone_source=CloneSource("pvc", "source-ns", "golden")))
 
 
 # --- Privilege escalation -----------------------------------------------------------------------

@@ -13,7 +13,6 @@ import pytest
 from cdi.api import errors
 from cdi.backends.embedded.store import SQLiteStore
 from cdi.backends.port import Obj
-from cdi.controllers import datasource
 from cdi.controllers.datasource import DataSourceController
 from cdi.controllers.runtime import Runtime
 
@@ -302,10 +301,3 @@ async def until(env: Env, name: str, predicate: Callable[[Obj], bool]) -> None:
             return
         assert asyncio.get_running_loop().time() < deadline, ds.get("status")
         await asyncio.sleep(0.02)
-
-
-def test_not_found_message_uses_the_resource_name() -> None:
-    assert datasource.not_found_message("DataSource", "x") == \
-        'datasources.cdi.kubevirt.io "x" not found'
-    assert datasource.not_found_message("PersistentVolumeClaim", "x") == \
-        'persistentvolumeclaims "x" not found'

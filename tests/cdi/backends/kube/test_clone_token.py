@@ -156,6 +156,66 @@ def test_clones_across_namespaces_need_the_webhooks_token(fake: FakeKube, tmp_pa
     asyncio.run(scenario())
 
 
+def datasource(name: str, source: Obj) -> Obj:
+    return {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataSource",
+            "metadata": {"name": name, "namespace": "vms"}, "spec": {"source": source}}
+
+
+def test_a_datasource_chain_gets_a_token_the_controller_accepts(
+        fake: FakeKube, tmp_path: Path, key: rsa.RSAPrivateKey) -> None:
+    """sourceRef -> "latest" -> "fedora" -> golden/fedora: the webhook signs for the claim
+    at the end, and the controller, resolving the chain the same way, clones with it.  A
+    chain re-pointed after admission leads elsewhere, which the token does not cover."""
+    options = controller.Options(
+        kubeconfig=fake.kubeconfig(tmp_path / "kubeconfig"), identity="replica-1",
+        apiserver_public_key=tokens.public_key_pem(key).decode())
+
+    def by_ref(name: str, ref: str) -> Obj:
+        dv = clone_dv(name)
+        dv["spec"] = {**dv["spec"], "sourceRef": {"kind": "DataSource", "name": ref}}
+        del dv["spec"]["source"]
+        return dv
+
+    async def scenario() -> None:
+        fake.put(SC)
+        for name in ("fedora", "secret"):
+            fake.put({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                      "metadata": {"name": name, "namespace": "golden"},
+                      "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "local",
+                               "resources": {"requests": {"storage": "1Gi"}}}})
+            fake.patch("PersistentVolumeClaim", name, "golden",
+                       {"status": {"phase": "Bound", "capacity": {"storage": "1Gi"}}},
+                       status=True)
+        for ds in (datasource("fedora", {"pvc": {"namespace": "golden", "name": "fedora"}}),
+                   datasource("secret", {"pvc": {"namespace": "golden", "name": "secret"}}),
+                   datasource("latest", {"dataSource": {"name": "fedora"}}),
+                   datasource("moving", {"dataSource": {"name": "fedora"}})):
+            fake.put(ds)
+        chained = await through_the_webhook(fake, key, by_ref("chained", "latest"))
+        claims = tokens.verify(key.public_key(),
+                               chained["metadata"]["annotations"][tokens.ANN_CLONE_TOKEN])
+        assert (claims.namespace, claims.name, claims.resource) == (
+            "golden", "fedora", tokens.PVC_RESOURCE)
+        fake.put(chained)
+        fake.put(await through_the_webhook(fake, key, by_ref("moved", "moving")))
+        fake.patch("DataSource", "moving", "vms",
+                   {"spec": {"source": {"dataSource": {"name": "secret"}}}})
+
+        stop = asyncio.Event()
+        running_controller = asyncio.ensure_future(controller.run(options, stop))
+        target = await eventually(lambda: fake.get("PersistentVolumeClaim", "chained", "vms"))
+        assert target["metadata"]["annotations"]["k8s.io/CloneRequest"] == "golden/fedora"
+        condition = await eventually(functools.partial(running, fake, "moved"))
+        assert (condition["status"], condition["reason"], condition["message"]) == (
+            "False", "CloneValidationFailed", PREFIX + "invalid token: token is for source "
+                                                       "golden/fedora, not golden/secret")
+        assert fake.get("PersistentVolumeClaim", "moved", "vms") is None
+        stop.set()
+        await asyncio.wait_for(running_controller, 10)
+
+    asyncio.run(scenario())
+
+
 def test_the_controller_deployment_gets_the_public_key() -> None:
     objs = {(o["kind"], o["metadata"]["name"]): o for o in render.objects(values.load(), "cdi")}
     deployment = objs[("Deployment", workloads.CONTROLLER)]
