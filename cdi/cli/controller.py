@@ -133,7 +133,11 @@ async def _reconcile(store: KubeStore, namespace: str, options: Options,
                                      lifetime=lifetime)
         client_signer = await signer(store, namespace, CLIENT_SIGNER, Path(tmp),
                                      lifetime=lifetime)
-        upload_tls = UploadTLS(signer=server_signer, client_signer=client_signer)
+        # Upload servers wait for their upload until their certificate is due (CDI's
+        # DEADLINE: server duration - renewBefore), then are replaced with a new one.
+        server = options.certs.server
+        upload_tls = UploadTLS(signer=server_signer, client_signer=client_signer,
+                               deadline_after=server.duration - server.renew_before)
         published = await certrotation.rotate_upload_pki(
             store, namespace, server_signer, client_signer, Path(tmp), certs=options.certs)
         cdiconfig = CDIConfigController(store, upload_proxy_url=options.upload_proxy_url,

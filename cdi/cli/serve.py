@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import ipaddress
 import logging
@@ -25,8 +26,8 @@ from typing import Any
 import click
 from aiohttp import web
 
+from cdi.api import certconfig, tokens, validation
 from cdi.api import errors as api_errors
-from cdi.api import tokens, validation
 from cdi.apiserver import auth, rbac, review
 from cdi.apiserver.app import create_app
 from cdi.backends.embedded import certs, storage
@@ -67,7 +68,8 @@ def api_token(data_dir: Path) -> tuple[str, Path]:
 
 async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | None,
                 restart_backoff: float, max_workers: int | None,
-                upload_proxy_port: int = 0, reflink_root: Path | None = None) -> None:
+                upload_proxy_port: int = 0, reflink_root: Path | None = None,
+                upload_deadline: datetime.timedelta | None = None) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o700)
     token, token_file = api_token(data_dir)
@@ -97,8 +99,10 @@ async def serve(data_dir: Path, host: str, port: int, *, tls: ssl.SSLContext | N
     runner = PodRunner(store, data_dir=data_dir, volumes=volumes, backoff_base=restart_backoff,
                        max_running=max_workers)
     provisioner = storage.Provisioner(store, volumes)
+    # No DEADLINE unless asked: our upload servers' certificates outlast any wait
+    # (pki.CERT_DAYS) and the proxy reaches them over a local socket (docs/upload-protocol.md).
     upload_tls = UploadTLS(signer=upload_pki.server_signer,
-                           client_signer=upload_pki.client_signer)
+                           client_signer=upload_pki.client_signer, deadline_after=upload_deadline)
     datavolumes = DataVolumeController(store, upload_tls=upload_tls)
     runtime = Runtime(store)
     clones = CloneController(store, upload_tls=upload_tls,
@@ -194,11 +198,24 @@ def _is_loopback(host: str) -> bool:
 @click.option("--reflink-root", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Where local-reflink volumes and snapshots live (default: <data-dir>/reflink);"
                    " the class exists only if this filesystem shares extents (XFS, btrfs).")
+@click.option("--upload-deadline", default=None, metavar="DURATION",
+              help="Replace an upload server still waiting for its upload after this long"
+                   " (Go duration, e.g. 12h; CDI's DEADLINE) with a new one. Default: none.")
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 def serve_command(data_dir: Path | None, address: str, tls_cert: Path | None,
                   tls_key: Path | None, restart_backoff: float, upload_proxy_port: int,
-                  max_workers: int | None, reflink_root: Path | None, verbose: bool) -> None:
+                  max_workers: int | None, reflink_root: Path | None,
+                  upload_deadline: str | None, verbose: bool) -> None:
     """Run the embedded control plane: REST API, controllers, volumes and workers."""
+    deadline = None
+    if upload_deadline is not None:
+        try:
+            deadline = certconfig.parse_duration(upload_deadline, setting="--upload-deadline")
+        except certconfig.CertConfigError as e:
+            raise click.BadParameter(str(e), param_hint="--upload-deadline") from e
+        if deadline <= datetime.timedelta(0):
+            raise click.BadParameter(f'"{upload_deadline}" must be longer than 0s',
+                                     param_hint="--upload-deadline")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, _, port = address.rpartition(":")
@@ -206,4 +223,5 @@ def serve_command(data_dir: Path | None, address: str, tls_cert: Path | None,
     tls = _tls(host, tls_cert, tls_key)
     asyncio.run(serve(data_dir or default_data_dir(), host, int(port or 0), tls=tls,
                       restart_backoff=restart_backoff, max_workers=max_workers,
-                      upload_proxy_port=upload_proxy_port, reflink_root=reflink_root))
+                      upload_proxy_port=upload_proxy_port, reflink_root=reflink_root,
+                      upload_deadline=deadline))

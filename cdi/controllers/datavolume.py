@@ -21,11 +21,12 @@ from typing import Any
 
 import aiohttp
 
-from cdi.api import defaults, pki
+from cdi.api import defaults
 from cdi.api import errors as api_errors
 from cdi.backends.port import Obj, ObjectStore
-from cdi.controllers import events, imagevolume, importpod
+from cdi.controllers import events, imagevolume, importpod, uploadtls
 from cdi.controllers.runtime import Key, Mapper, Result, TemporaryError, owner_keys
+from cdi.controllers.uploadtls import UploadTLS as UploadTLS  # its home before uploadtls
 from cdi.controllers.workers import EMBEDDED, Workers
 
 log = logging.getLogger(__name__)
@@ -43,21 +44,6 @@ SUPPORTED = ("http", "blank", "upload", "registry", "s3")
 CLONE_SOURCES = ("pvc", "snapshot")  # the clone controller's (cdi/controllers/clone)
 UPLOAD_TARGET = A + "storage.upload.target"
 RATE_WINDOW = 1.0  # seconds: the shortest interval a transfer rate is measured over
-
-
-@dataclasses.dataclass(frozen=True)
-class UploadTLS:
-    """What upload servers get for mutual TLS: a signer for their serving
-    certificates, and the signer of the clients (the proxy) they accept."""
-
-    signer: pki.Signer
-    client_signer: pki.Signer
-
-    @property
-    def client_ca_pem(self) -> bytes:
-        """The client CAs an upload server accepts: the client signer's bundle (the
-        current CA and, during a rotation, the one before; cdi/cli/certrotation.py)."""
-        return self.client_signer.bundle_pem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +216,8 @@ class DataVolumeController:
                                        running=("False", "CreateContainerConfigError",
                                                 missing), warn=missing)
                 return Result(requeue_after=5.0)
+            if op is UPLOAD and await uploadtls.old_scratch(self._store, pvc):
+                return Result(requeue_after=1.0)  # a recycled server's, going with it
             await self._create_pod(dv, pvc, scratch=ann.get(REQUIRES_SCRATCH) == "true")
             await self._set_status(dv, phase=op.scheduled, bound=bound_cond,
                                    running=("False", "Pending", op.pod_scheduled))
@@ -244,6 +232,11 @@ class DataVolumeController:
         cs = statuses[0]
         restarts = int(cs.get("restartCount", 0))
         phase = status.get("phase", "Pending")
+        if op is UPLOAD and uploadtls.deadline_passed(pod):  # not a failure: a new pod
+            await uploadtls.recycle(self._store, pvc, pod, report_on=dv)
+            await self._set_status(dv, phase=op.scheduled, bound=bound_cond,
+                                   running=uploadtls.RUNNING, rewind=True)
+            return Result(requeue_after=0.5)
         if phase in ("Succeeded", "Failed"):
             message = cs.get("state", {}).get("terminated", {}).get("message", "")
             result = importpod.outcome(message) if phase == "Succeeded" else \
@@ -308,7 +301,7 @@ class DataVolumeController:
             await self._set_status(dv, phase=op.running, bound=bound_cond,
                                    running=("True", "Pod is running", ""), restarts=restarts,
                                    progress=progress, transfer=transfer)
-            await self._annotate_claim(pvc, {A + "storage.pod.ready": "true"})
+            await self._annotate_claim(pvc, {POD_PHASE: "Running", A + "storage.pod.ready": "true"})
             return Result(requeue_after=PROGRESS_INTERVAL)
         if "running" in cs.get("state", {}):
             progress, transfer = await self._progress(dv, pod)
@@ -434,19 +427,12 @@ class DataVolumeController:
         preallocation = ann.get(A + "storage.preallocation.requested") == "true"
         resources = status.get("defaultPodResourceRequirements", {})
         if _op(dv) is UPLOAD:
-            tls_secret = None
-            if self._upload_tls is not None:
-                secret = importpod.upload_tls_secret(pvc, self._upload_tls.signer,
-                                                     self._upload_tls.client_ca_pem)
-                tls_secret = secret["metadata"]["name"]
-                for obj in (secret, importpod.upload_service(pvc)):
-                    try:
-                        await self._store.create(obj)
-                    except api_errors.AlreadyExists:
-                        pass
-            pod = importpod.upload_pod_spec(dv, pvc, block=block, overhead=overhead,
-                                            preallocation=preallocation, resources=resources,
-                                            workers=self._workers, tls_secret=tls_secret)
+            tls = self._upload_tls
+            pod = importpod.upload_pod_spec(
+                dv, pvc, block=block, overhead=overhead, preallocation=preallocation,
+                resources=resources, workers=self._workers,
+                tls_secret=await uploadtls.fresh_secret(self._store, pvc, tls) if tls else None,
+                deadline=tls.deadline() if tls else None)
             scratch = True  # uploads always get scratch space, as in CDI
         else:
             proxy = status.get("importProxy", {}) or {}
@@ -510,13 +496,13 @@ class DataVolumeController:
                           running: tuple[str, str, str] | None = None,
                           restarts: int | None = None, claim: str | None = None,
                           warn: str | None = None, warn_reason: str = "Error",
-                          transfer: dict[str, Any] | None = None) -> None:
+                          transfer: dict[str, Any] | None = None, rewind: bool = False) -> None:
         old = dv.get("status", {}) or {}
         new = copy.deepcopy(old)
         if phase in ("Succeeded", "Failed"):
             self._samples.pop(dv["metadata"]["uid"], None)
-        if _RANK.get(phase, 9) < _RANK.get(old.get("phase", ""), 0):
-            phase = old["phase"]  # never backwards while importing
+        if not rewind and _RANK.get(phase, 9) < _RANK.get(old.get("phase", ""), 0):
+            phase = old["phase"]  # never backwards while importing (REWIND: a new upload pod)
         new["phase"] = phase
         new["claimName"] = claim or old.get("claimName") or dv["metadata"]["name"]
         if progress is not None:

@@ -201,13 +201,17 @@ def pod_spec(dv: Obj, pvc: Obj, *, block: bool, overhead: float, preallocation: 
 
 def upload_pod_spec(dv: Obj, pvc: Obj, *, block: bool, overhead: float, preallocation: bool,
                     resources: dict[str, Any], workers: Workers,
-                    tls_secret: str | None = None, scratch: bool = True) -> Obj:
-    """The upload server pod (``cdi-upload-<claim>``): it listens for one upload."""
+                    tls_secret: str | None = None, scratch: bool = True,
+                    deadline: str | None = None) -> Obj:
+    """The upload server pod (``cdi-upload-<claim>``): it listens for one upload, until
+    DEADLINE (RFC 3339; cdi/controllers/uploadtls.py) if there is one."""
     env = [{"name": "UPLOAD_IMAGE_SIZE",
             "value": str(pvc["spec"]["resources"]["requests"]["storage"])},
            {"name": "LISTEN_PORT", "value": "8443"}]
     if block:  # CDI names the device for block targets (ours finds it by IMPORTER_BLOCK_PATH)
         env.append({"name": "DESTINATION", "value": "/dev/cdi-block-volume"})
+    if deadline:
+        env.append({"name": "DEADLINE", "value": deadline})
     pod = _worker_pod(dv, pvc, name=upload_pod_name(pvc["metadata"]["name"]), workers=workers,
                       command=UPLOADSERVER, env=env, block=block, overhead=overhead,
                       preallocation=preallocation, scratch=scratch, resources=resources,

@@ -7,7 +7,9 @@ controller takes the others: it starts the upload server pod (with its
 certificate and scratch space), mirrors the pod into the claim's annotations
 (``storage.pod.phase``, ``storage.pod.ready``, ``storage.pod.restarts``, and
 the Running condition's reason and message), which is what the upload proxy and
-``virtctl``-style clients read, and removes the pod once the upload is done.
+``virtctl``-style clients read, and removes the pod once the upload is done.  A
+pod that passed its deadline without an upload is replaced by a new one with a new
+certificate (``cdi/controllers/uploadtls.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 from cdi.api import defaults
 from cdi.api import errors as api_errors
 from cdi.backends.port import Obj, ObjectStore
-from cdi.controllers import events, importpod
+from cdi.controllers import events, importpod, uploadtls
 from cdi.controllers.datavolume import (
     POD_PHASE,
     POD_RESTARTS,
@@ -72,6 +74,8 @@ class UploadClaimController:
             return None
         pod = await self._get("Pod", pod_name, ns)
         if pod is None:
+            if await uploadtls.old_scratch(self._store, pvc):
+                return Result(requeue_after=1.0)  # a recycled server's, going with it
             await self._create_pod(pvc)
             await self._annotate(pvc, {POD_PHASE: "Pending"})
             return None
@@ -83,22 +87,14 @@ class UploadClaimController:
         overhead = 0.0 if block else defaults.filesystem_overhead(
             config, pvc["spec"].get("storageClassName"))
         ann = pvc["metadata"].get("annotations", {})
-        tls_secret = None
-        if self._upload_tls is not None:
-            secret = importpod.upload_tls_secret(pvc, self._upload_tls.signer,
-                                                 self._upload_tls.client_ca_pem)
-            tls_secret = secret["metadata"]["name"]
-            for obj in (secret, importpod.upload_service(pvc)):
-                try:
-                    await self._store.create(obj)
-                except api_errors.AlreadyExists:
-                    pass
+        tls = self._upload_tls
         # With no DataVolume, the claim stands in for it (OWNER_UID is the claim's, as in CDI).
         pod = importpod.upload_pod_spec(
             pvc, pvc, block=block, overhead=overhead,
             preallocation=ann.get(A + "storage.preallocation.requested") == "true",
             resources=config.get("defaultPodResourceRequirements", {}), workers=self._workers,
-            tls_secret=tls_secret)
+            tls_secret=await uploadtls.fresh_secret(self._store, pvc, tls) if tls else None,
+            deadline=tls.deadline() if tls else None)
         importpod.place(pod, await importpod.workload(self._store))
         try:
             created = await self._store.create(pod)
@@ -110,6 +106,9 @@ class UploadClaimController:
             pass
 
     async def _follow(self, pvc: Obj, pod: Obj) -> Result | None:
+        if uploadtls.deadline_passed(pod):  # not a failure: a new pod, a new certificate
+            await uploadtls.recycle(self._store, pvc, pod, report_on=pvc)
+            return Result(requeue_after=0.5)
         status = pod.get("status", {})
         cs = (status.get("containerStatuses") or [{}])[0]
         restarts = str(cs.get("restartCount", 0))
