@@ -218,7 +218,17 @@ class DataVolumeController:
                 return Result(requeue_after=5.0)
             if op is UPLOAD and await uploadtls.old_scratch(self._store, pvc):
                 return Result(requeue_after=1.0)  # a recycled server's, going with it
-            await self._create_pod(dv, pvc, scratch=ann.get(REQUIRES_SCRATCH) == "true")
+            try:
+                await self._create_pod(dv, pvc, scratch=ann.get(REQUIRES_SCRATCH) == "true")
+            except (api_errors.Invalid, api_errors.Forbidden) as e:
+                # The API server refused the pod (a field it does not know, such as an
+                # image volume before Kubernetes 1.35, or an admission policy): say so
+                # where the user looks, and try again in case an admin fixes it.
+                refused = f"the worker pod was refused: {e.message}"
+                await self._set_status(dv, phase=op.scheduled, bound=bound_cond,
+                                       running=("False", "PodCreationFailed", refused),
+                                       warn=refused, warn_reason="PodCreationFailed")
+                return Result(requeue_after=30.0)
             await self._set_status(dv, phase=op.scheduled, bound=bound_cond,
                                    running=("False", "Pending", op.pod_scheduled))
             return None

@@ -78,6 +78,9 @@ class FakeKube:
         self.on_request: Callable[[str, str, dict[str, str]], None] | None = None
         # Answers SubjectAccessReviews (spec -> status); they are not stored, as on a cluster.
         self.access_review: Callable[[Obj], Obj] | None = None
+        # Refuses a create with 422 Invalid and the message it returns (None: accept), as
+        # an API server does a field it does not know or an admission policy would.
+        self.refuse_create: Callable[[Obj], str | None] | None = None
         self._watchers: set[_Watcher] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fakekube",
@@ -311,6 +314,8 @@ class FakeKube:
                                                    "match the namespace on the request"))
         if kind.kind == "Event":
             self._validate_event(body, ns)
+        if self.refuse_create is not None and (why := self.refuse_create(body)) is not None:
+            raise _Fail(_status(422, "Invalid", why))
         name = meta.get("name") or ""
         if not name and meta.get("generateName"):
             name = meta["generateName"] + uuid.uuid4().hex[:5]

@@ -244,3 +244,46 @@ def test_a_pull_policy_kubernetes_does_not_know_is_refused() -> None:
     assert result.exit_code == 2
     assert "Invalid value for '--pull-policy': 'Sometimes' is not one of 'Always', " \
            "'IfNotPresent', 'Never'." in result.output
+
+
+def test_a_refused_worker_pod_shows_in_the_datavolume(fake: FakeKube, tmp_path: Path) -> None:
+    """An API server older than image volumes refuses the node-pull importer Pod: the
+    DataVolume says so (Running, a Warning event), instead of waiting without a word."""
+    why = ('Pod "importer-node-pull" is invalid: spec.volumes[3]: Required value: '
+           "must specify a volume type")
+    fake.refuse_create = lambda obj: why if obj.get("kind") == "Pod" else None
+    options = controller.Options(kubeconfig=fake.kubeconfig(tmp_path / "kubeconfig"),
+                                 identity="replica-1", health_address="127.0.0.1:0",
+                                 workers=Workers(importer_image="registry.example.com/cdi:1.0",
+                                                 image_volumes=True))
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        running = asyncio.ensure_future(controller.run(options, stop))
+        fake.put({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+                  "metadata": {"name": "node-pull", "namespace": "vms"},
+                  "spec": {"source": {"registry": {"url": "docker://r.example/os:1",
+                                                   "pullMethod": "node"}},
+                           "pvc": {"accessModes": ["ReadWriteOnce"],
+                                   "resources": {"requests": {"storage": "1Gi"}}}}})
+        await eventually(lambda: fake.get("PersistentVolumeClaim", "node-pull", "vms"))
+        fake.patch("PersistentVolumeClaim", "node-pull", "vms",
+                   {"status": {"phase": "Bound"}}, status=True)
+        refused = await eventually(lambda: next(
+            (c for c in ((fake.get("DataVolume", "node-pull", "vms") or {}).get("status")
+                         or {}).get("conditions") or []
+             if c.get("type") == "Running" and c.get("reason") == "PodCreationFailed"), None))
+        assert refused["status"] == "False"
+        assert refused["message"] == f"the worker pod was refused: {why}"
+        dv = fake.get("DataVolume", "node-pull", "vms") or {}
+        assert dv["status"]["phase"] == "ImportScheduled"
+        event = await eventually(lambda: next(
+            (o for (kind, _, _), o in list(fake.objects.items())
+             if kind == "Event" and o.get("reason") == "PodCreationFailed"), None))
+        assert (event["type"], event["message"]) == (
+            "Warning", f"the worker pod was refused: {why}")
+        assert fake.get("Pod", "importer-node-pull", "vms") is None
+        stop.set()
+        await asyncio.wait_for(running, 10)
+
+    asyncio.run(scenario())
