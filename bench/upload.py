@@ -45,11 +45,12 @@ What it measures
     raw uploads at once through one proxy, into four DataVolumes, and reports
     aggregate throughput.
 
-    For (a) and (b) the client is ``http.client`` (``HTTPSConnection``; a
-    sparse stream goes in chunked coding, one chunk per frame of at most 4 MiB;
-    a whole file with a 1 MiB ``blocksize`` and a Content-Length), one thread
-    per upload; its CPU time is reported so one can see it is not the
-    bottleneck.
+    For (a), (a0), (a'), (b) and (b0) the client is ``curl -T FILE -X POST``
+    (streamed, with a Content-Length), one process per upload.  For a sparse
+    row FILE is the image's sparse stream, encoded once beforehand
+    (``<image>.sparse-stream``, untimed); (c) encodes as it sends.  A client
+    would run on another machine; here it shares the two cores, so the lightest
+    one is used, and its CPU time is reported.
 
 Memory
     The proxy runs inside ``cdi serve``: its peak RSS is the ``VmHWM`` of the
@@ -83,13 +84,10 @@ import dataclasses
 import datetime
 import fcntl
 import functools
-import http.client
 import json
 import os
 import shutil
 import signal
-import socket
-import ssl
 import statistics
 import subprocess
 import sys
@@ -101,7 +99,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
-from urllib.parse import urlsplit
 
 import requests
 
@@ -116,7 +113,6 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 PIECE = 4 * MiB
-CLIENT_BLOCK = 1 * MiB  # http.client blocksize: bytes per read() and sendall()
 SAMPLE_INTERVAL = 0.1
 CONCURRENT = 4
 SERVE_RSS_LIMIT = 150 * MiB
@@ -559,65 +555,61 @@ class Posted:
     cpu: float  # the sending thread's CPU time
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over a Unix socket (plain HTTP), for the ``local`` row."""
+def sparse_file(image: Path) -> Path:
+    """IMAGE's sparse stream (``importer.upload.sparse``), written once next to it.
 
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=UPLOAD_TIMEOUT, blocksize=CLIENT_BLOCK)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
-
-
-def _sparse_body(path: Path) -> Iterator[memoryview]:
-    """PATH as a sparse stream (only its data), as ``cdi image-upload`` sends a raw image."""
-    fd = os.open(path, os.O_RDONLY)
+    The client then only streams a file: what the upload costs the proxy and
+    the upload server is measured, not the cost of scanning the image, which
+    ``cdi image-upload`` pays in (c).
+    """
+    out = image.with_name(image.name + ".sparse-stream")
+    if out.exists() and out.stat().st_mtime >= image.stat().st_mtime:
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    fd = os.open(image, os.O_RDONLY)
     try:
-        yield from sparse.encode(fd, path.stat().st_size)
+        with open(tmp, "wb") as f:
+            for piece in sparse.encode(fd, image.stat().st_size):
+                f.write(piece)
     finally:
         os.close(fd)
+    tmp.rename(out)
+    return out
 
 
-def post_file(url: str, context: ssl.SSLContext | None, path: Path,
-              headers: dict[str, str], sparse_stream: bool = False) -> Posted:
-    """POST PATH to URL with http.client: 1 MiB reads and sendall calls, Content-Length set.
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One ``curl -T FILE -X POST`` (streamed, with a Content-Length)."""
 
-    With SPARSE_STREAM, PATH's sparse stream instead, in chunked coding, one
-    chunk per frame.  URL ``unix:<socket>#<path>`` goes over that Unix socket
-    in plain HTTP.
-    """
-    conn: http.client.HTTPConnection
-    if url.startswith("unix:"):
-        sock, _, target = url.removeprefix("unix:").partition("#")
-        conn, parts = UnixHTTPConnection(sock), urlsplit(target)
-    else:
-        parts = urlsplit(url)
-        assert parts.hostname is not None and parts.port is not None
-        conn = http.client.HTTPSConnection(parts.hostname, parts.port, context=context,
-                                           timeout=UPLOAD_TIMEOUT, blocksize=CLIENT_BLOCK)
-    cpu0 = time.thread_time()
-    started = time.perf_counter()
-    try:
-        if sparse_stream:
-            conn.request("POST", parts.path, body=_sparse_body(path), encode_chunked=True,
-                         headers={"Transfer-Encoding": "chunked",
-                                  "Content-Type": sparse.MEDIA_TYPE, **headers})
-        else:
-            with path.open("rb") as f:
-                conn.request("POST", parts.path, body=f, headers={
-                    "Content-Length": str(path.stat().st_size),
-                    "Content-Type": "application/octet-stream", **headers})
-        answer = conn.getresponse()
-        text = answer.read().decode(errors="replace")
-    finally:
-        conn.close()
-    return Posted(answer.status, text, time.perf_counter() - started, time.thread_time() - cpu0)
+    url: str
+    path: Path  # the body
+    tls: tuple[str, ...] = ()  # curl's --cacert/--cert/--key arguments
+    headers: tuple[str, ...] = ()
+    unix_socket: str | None = None
 
 
-Job = tuple[str, ssl.SSLContext | None, Path, dict[str, str], bool]
+def post_file(job: Job) -> Posted:
+    """POST JOB's file with curl; its CPU time comes from wait4's rusage."""
+    cmd = ["curl", "-sS", "-X", "POST", "-T", str(job.path), "-o", "-",
+           "-w", "\n%{http_code}", "-H", "Expect:", *job.tls]
+    for h in job.headers:
+        cmd += ["-H", h]
+    if job.unix_socket:
+        cmd += ["--unix-socket", job.unix_socket]
+    cmd.append(job.url)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=child_env())
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        text, _, code = out.read().decode(errors="replace").rpartition("\n")
+        if proc.returncode != 0 or not code.isdigit():
+            raise BenchError(f"curl exited {proc.returncode}: "
+                             f"{err.read().decode(errors='replace')[-500:]}")
+    return Posted(int(code), text, seconds, usage.ru_utime + usage.ru_stime)
 
 
 def post_all(jobs: list[Job]) -> tuple[float, list[Posted]]:
@@ -628,7 +620,7 @@ def post_all(jobs: list[Job]) -> tuple[float, list[Posted]]:
     def one(i: int) -> None:
         barrier.wait()
         try:
-            results[i] = post_file(*jobs[i])
+            results[i] = post_file(jobs[i])
         except BaseException as e:
             results[i] = e
 
@@ -698,13 +690,6 @@ def run_cp(image: Image, rundir: Path) -> Run:
                cpu_machine=machine)
 
 
-def _client_context(cafile: Path, cert: tuple[Path, Path] | None = None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(cafile))
-    if cert is not None:
-        ctx.load_cert_chain(str(cert[0]), str(cert[1]))
-    return ctx
-
-
 def run_http(image: Image, sizes: Sizes, rundir: Path, *, via: str, count: int,
              check: bool, every_byte: bool = False) -> Run:
     """COUNT uploads of IMAGE at once, VIA "direct", "local" or "proxy", into fresh
@@ -718,25 +703,27 @@ def run_http(image: Image, sizes: Sizes, rundir: Path, *, via: str, count: int,
         for name in names:
             serve.wait_phase(name, "UploadReady")
         pods = {name: serve.upload_pod(name) for name in names}
+        body = sparse_file(image.path) if sparse_stream else image.path
+        kind = (f"Content-Type: {sparse.MEDIA_TYPE}" if sparse_stream
+                else "Content-Type: application/octet-stream")
         jobs: list[Job] = []
         if via == "local":
             for name in names:
-                jobs.append((f"unix:{serve.upload_socket(name)}#/v1beta1/upload", None,
-                             image.path, {}, sparse_stream))
+                jobs.append(Job("http://localhost/v1beta1/upload", body, headers=(kind,),
+                                unix_socket=serve.upload_socket(name)))
         elif via == "direct":
             client = serve.data_dir / "uploadserver-client-signer" / "client"
-            ctx = _client_context(serve.data_dir / "uploadserver-signer" / "ca.crt",
-                                  (client / "tls.crt", client / "tls.key"))
+            tls = ("--cacert", str(serve.data_dir / "uploadserver-signer" / "ca.crt"),
+                   "--cert", str(client / "tls.crt"), "--key", str(client / "tls.key"))
             for name in names:
-                jobs.append((f"https://{pods[name][0]}/v1beta1/upload", ctx, image.path, {},
-                             sparse_stream))
+                jobs.append(Job(f"https://{pods[name][0]}/v1beta1/upload", body, tls=tls,
+                                headers=(kind,)))
         else:
             url, ca = serve.proxy()
-            ctx = _client_context(ca)
             for name in names:
-                jobs.append((f"{url}/v1beta1/upload", ctx, image.path,
-                             {"Authorization": f"Bearer {serve.token(name)}"}, sparse_stream))
-        prewarm(image.path)
+                jobs.append(Job(f"{url}/v1beta1/upload", body, tls=("--cacert", str(ca)),
+                                headers=(kind, f"Authorization: Bearer {serve.token(name)}")))
+        prewarm(body)
         idle, cpu0 = serve.hwm(), serve.cpu()
         watch = WorkerWatch(serve.pid, [pid for _, pid in pods.values()])
         watch.start()
@@ -918,8 +905,9 @@ NOTES = (
     "cdi serve VmHWM is the whole control plane, the upload proxy included (a fresh cdi serve "
     "per run; idle = just before the upload); worker = the upload server's VmHWM, sampled "
     "every 100 ms; tree = the workers and their children (qemu-img), summed. The (a)/(b) "
-    "client is http.client, one thread per upload, sending a raw image as a sparse stream "
-    "(its data only, as cdi image-upload does; (a0)/(b0): every byte, as a CDI client does); "
+    "client is curl -T, one process per upload, sending a raw image as a sparse stream "
+    "encoded beforehand (its data only, as cdi image-upload sends it; (a0)/(b0): every byte, "
+    "as a CDI client does); "
     "CPU seconds are medians. "
     "'others' is the CPU the rest of the machine used during the run (from /proc/stat, less "
     "the CPU of the client, cdi serve and the workers), in cores: other jobs on the machine."
@@ -1038,7 +1026,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"images: {raw.path} and {qcow2.path.name} "
             f"({f'built in {build_seconds:.0f} s' if build_seconds else 'cached'}); "
             f"DataVolume size {sizes.volume}")
-        say(f"runs in {runs_dir}; client: http.client, {CLIENT_BLOCK // MiB} MiB blocks; "
+        say(f"runs in {runs_dir}; client: curl -T (a sparse stream encoded beforehand); "
             "cdi serve fresh for every run")
         say("page cache: nothing dropped; each run's source file is read just before it")
         if kernel_reclaims_cache():
