@@ -67,7 +67,7 @@ from types import FrameType
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from importer import clonesource  # noqa: E402 - after the path is set
+from importer import clonesend  # noqa: E402 - after the path is set
 from importer.upload import sparse  # noqa: E402
 
 DEFAULT_WORKDIR = REPO / ".bench"
@@ -330,16 +330,16 @@ def pipe_floor(certs: Certs, *, tls: bool) -> tuple[float, float]:
 
 def zero_scan_cost() -> tuple[float, float]:
     """Seconds per GiB of data_runs over random data and over zeros (4 MiB at a time)."""
-    room = clonesource.ROOM
-    buf = bytearray(room + clonesource.CHUNK)
-    buf[room:] = os.urandom(clonesource.CHUNK)
-    zeros = bytearray(room + clonesource.CHUNK)
-    rounds = GiB // clonesource.CHUNK
+    room = clonesend.ROOM
+    buf = bytearray(room + clonesend.CHUNK)
+    buf[room:] = os.urandom(clonesend.CHUNK)
+    zeros = bytearray(room + clonesend.CHUNK)
+    rounds = GiB // clonesend.CHUNK
     out = []
     for b in (buf, zeros):
         started = time.perf_counter()
         for i in range(rounds):
-            sparse.data_runs(b, room, clonesource.CHUNK, i * clonesource.CHUNK)
+            sparse.data_runs(b, room, clonesend.CHUNK, i * clonesend.CHUNK)
         out.append(time.perf_counter() - started)
     return out[0], out[1]
 
