@@ -103,6 +103,10 @@ class Hashing:
             self._hash.update(buf[:n])
         return n
 
+    def update(self, data: memoryview) -> None:
+        """Hash DATA as if it had been read (bytes that came before the source)."""
+        self._hash.update(data)
+
     def drain(self) -> None:
         """Read whatever the consumer left unread (e.g. padding after a compressed stream)."""
         buf = bytearray(units.MiB)

@@ -136,20 +136,6 @@ class _Prefix:
             self._fd = -1
 
 
-class _Chain:
-    def __init__(self, first: _Prefix, second: Reader) -> None:
-        self._first: _Prefix | None = first
-        self._second = second
-
-    def readinto(self, buf: memoryview) -> int:
-        if self._first is not None:
-            n = self._first.readinto(buf)
-            if n:
-                return n
-            self._first = None
-        return self._second.readinto(buf)
-
-
 def replay(path: Path, size: int, fn: Callable[[int, memoryview], object]) -> None:
     """Hand FN (offset, data) the first SIZE bytes of the target, as written, a MiB at a time.
 
@@ -181,14 +167,6 @@ def continued(body: Reader, *, path: Path, offset: int,
     """
     if checksum is None:
         return body, None
-    prefix = _Prefix(path, offset)
-    hashing = stream.Hashing(_Chain(prefix, body), checksum)
-    buf = bytearray(units.MiB)
-    left = offset
-    try:
-        with memoryview(buf) as view:
-            while left:
-                left -= hashing.readinto(view[: min(len(view), left)])
-    finally:
-        prefix.close()  # all read: the chain goes on to the body
+    hashing = stream.Hashing(body, checksum)
+    replay(path, offset, lambda _, data: hashing.update(data))
     return hashing, hashing

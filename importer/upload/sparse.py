@@ -27,7 +27,6 @@ sends the same header and only frames at or past N.
 from __future__ import annotations
 
 import errno
-import hashlib
 import mmap
 import os
 import queue
@@ -35,7 +34,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterator
 
-from importer import errors, formats, target, units
+from importer import formats, stream, target, units
 from importer.formats import Reader
 from importer.progress import Progress
 from importer.settings import Checksum
@@ -193,28 +192,34 @@ class Hashing:
     """The checksum of the image a sparse stream describes: its data and its zeros."""
 
     def __init__(self, checksum: Checksum) -> None:
-        self.checksum = checksum
-        self._hash = hashlib.new(checksum.algorithm)
+        self._hashing = stream.Hashing(_NOTHING, checksum)
         self.end = 0  # bytes of the image hashed so far
 
     def data(self, offset: int, data: memoryview) -> None:
         self._zeros(offset - self.end)
-        self._hash.update(data)
+        self._hashing.update(data)
         self.end = offset + len(data)
 
     def verify(self, size: int) -> None:
         self._zeros(size - self.end)
         self.end = size
-        calculated = self._hash.hexdigest()
-        if calculated != self.checksum.digest:
-            raise errors.ChecksumMismatch(algorithm=self.checksum.algorithm,
-                                          expected=self.checksum.digest, calculated=calculated)
+        self._hashing.verify()
 
     def _zeros(self, n: int) -> None:
         while n > 0:
             m = min(n, len(_ZEROS))
-            self._hash.update(_ZEROS[:m])
+            self._hashing.update(_ZEROS[:m])
             n -= m
+
+
+class _Nothing:
+    """A Reader with nothing in it: the frames' data is hashed as it is written."""
+
+    def readinto(self, buf: memoryview) -> int:
+        return 0
+
+
+_NOTHING = _Nothing()
 
 
 def write_frames(body: Reader, w: target.Writer, *, size: int, start: int = 0,

@@ -18,6 +18,7 @@ import pytest
 from cdi.cli import config
 from tests.cdi.apiserver.conftest import Api
 from tests.cdi.apiserver.harness import TOKEN, ApiServer
+from tests.support.fakekube import FakeKube
 
 
 class Cluster:
@@ -77,3 +78,14 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster
     finally:
         c.api.close()
         server.stop()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeKube]:
+    """A Kubernetes API stand-in whose namespace is "cdi" (the commands' own)."""
+    server = FakeKube(namespace="cdi").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert server.errors == []

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,16 +25,6 @@ from tests.support.fakekube import FakeKube
 NS = "cdi"
 H = datetime.timedelta(hours=1)
 T0 = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeKube]:
-    server = FakeKube(namespace=NS).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-    assert server.errors == []
 
 
 def secret_cert(fake: FakeKube, name: str) -> x509.Certificate:

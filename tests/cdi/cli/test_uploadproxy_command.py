@@ -10,7 +10,6 @@ import datetime
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -27,16 +26,6 @@ from tests.support.fakekube import FakeKube
 from uploadproxy.resolver import NotReadyYet, NotUploadTarget, UploadTarget
 
 NS = "cdi"
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeKube]:
-    server = FakeKube(namespace=NS).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-    assert server.errors == []
 
 
 def publish(fake: FakeKube, tmp: Path, now: datetime.datetime | None = None) -> str:
