@@ -29,7 +29,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from uploadproxy import auth, errors, forward, metrics, routing
+from uploadproxy import auth, errors, forward, metrics, routing, tap
 from uploadproxy.resolver import Resolver
 
 __all__ = ["CONFIG", "SESSION", "Config", "create_app"]
@@ -138,10 +138,11 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
         else:
             log.warning("REFUSED method=%s path=%s status=%d reason=%s",
                         request.method, request.path, e.status, e)
-        return web.Response(status=e.status, text=e.text, headers=e.headers)
+        return tap.closing(request, web.Response(status=e.status, text=e.text,
+                                                 headers=e.headers))
     except Exception:
         log.exception("FAILED method=%s path=%s", request.method, request.path)
-        return web.Response(status=500, text=INTERNAL_ERROR)
+        return tap.closing(request, web.Response(status=500, text=INTERNAL_ERROR))
 
 
 async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:

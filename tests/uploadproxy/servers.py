@@ -71,10 +71,20 @@ class ServerThread:
     def stop(self) -> None:
         if self._runner is not None:
             self.call(self._runner.cleanup())
+        # As asyncio.run does: a connection still lingering (aiohttp's lingering
+        # close of an unread body) is cancelled, not destroyed with the loop.
+        self.call(_cancel_the_rest())
         self.call(self._loop.shutdown_asyncgens())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+
+async def _cancel_the_rest() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass

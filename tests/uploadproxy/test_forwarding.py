@@ -190,3 +190,17 @@ def test_a_chunked_answer_comes_back_whole(proxy: str, upstream: tuple[Upstream,
     assert (r.status_code, r.reason, r.headers["X-Answer"]) == (201, "Made It", "chunked")
     assert r.content == server.chunked_answer
     assert server.seen[0].size == 1000 and server.seen[0].complete
+
+
+def test_a_body_with_a_length_ends_its_connection_on_the_local_hop(
+        proxy: str, upstream: tuple[Upstream, str], token: Token,
+        http: requests.Session) -> None:
+    """The local hop takes such a body off aiohttp's parser (``uploadproxy.tap``), after
+    which the connection cannot carry another request: the answer says so."""
+    server, url = upstream
+    first = http.post(f"{proxy}/v1beta1/upload", data=BODY, headers=_auth(token()))
+    second = http.post(f"{proxy}/v1beta1/upload", data=BODY, headers=_auth(token()))
+    assert (first.status_code, second.status_code) == (200, 200)
+    local = url.startswith("unix:")
+    assert (first.headers.get("Connection") == "close") is local
+    assert [s.sha256 for s in server.seen] == [hashlib.sha256(BODY).hexdigest()] * 2
