@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -138,3 +141,49 @@ def test_bearer_token_parser() -> None:
         auth.bearer_token({"Authorization": "Bearer a=="})
     with pytest.raises(errors.MissingAuthorization):
         auth.bearer_token({})
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _alg_none(token: str) -> str:
+    _, payload, _ = token.split(".")
+    head = _b64(b'{"alg":"none","typ":"JWT"}')
+    return f"{head}.{payload}."
+
+
+def _hs256_with_the_public_key(token: str, key: rsa.RSAPrivateKey) -> str:
+    """The key-confusion attack: HMAC with the verifier's public key as the secret."""
+    _, payload, _ = token.split(".")
+    head = _b64(b'{"alg":"HS256","typ":"JWT"}')
+    secret = tokens.public_key_pem(key)
+    mac = hmac.new(secret, f"{head}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{head}.{payload}.{_b64(mac)}"
+
+
+@pytest.mark.parametrize("attack", ["alg-none", "hs256-public-key"])
+def test_forged_algorithms_are_401(proxy: str, upstream: tuple[Upstream, str],
+                                   resolver: DictResolver, http: requests.Session,
+                                   token: Token, signing_key: rsa.RSAPrivateKey,
+                                   attack: str) -> None:
+    good = token()
+    forged = (_alg_none(good) if attack == "alg-none"
+              else _hs256_with_the_public_key(good, signing_key))
+    response = http.post(f"{proxy}/v1beta1/upload", data=b"x",
+                         headers={"Authorization": f"Bearer {forged}"})
+    assert (response.status_code, response.text) == (
+        401, "invalid token: token is not signed with PS256")
+    assert upstream[0].seen == [] and resolver.calls == []
+
+
+def test_oversized_headers_are_refused(proxy: str, upstream: tuple[Upstream, str],
+                                       resolver: DictResolver, http: requests.Session,
+                                       token: Token) -> None:
+    """aiohttp's limit on a header field (8 KiB) holds before any token check."""
+    for headers in ({"Authorization": "Bearer " + "A" * 100_000},
+                    {"Authorization": f"Bearer {token()}", "X-Padding": "p" * 100_000}):
+        response = http.post(f"{proxy}/v1beta1/upload", data=b"x", headers=headers)
+        assert response.status_code == 400
+        assert "Got more than 8190 bytes" in response.text
+    assert upstream[0].seen == [] and resolver.calls == []
