@@ -32,7 +32,7 @@ from importer.upload import body
 from uploadproxy import auth
 from uploadproxy import errors as proxy_errors
 
-EXAMPLES = 300
+EXAMPLES = 1000
 fuzz = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
