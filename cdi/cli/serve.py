@@ -30,7 +30,7 @@ from cdi.api import certconfig, tokens, validation
 from cdi.api import errors as api_errors
 from cdi.apiserver import auth, rbac, review
 from cdi.apiserver.app import create_app
-from cdi.backends.embedded import certs, storage
+from cdi.backends.embedded import DatabaseDamaged, DatabaseInUse, certs, storage
 from cdi.backends.embedded.podrunner import PodRunner
 from cdi.backends.embedded.snapshots import SnapshotController
 from cdi.backends.embedded.store import SQLiteStore
@@ -221,7 +221,10 @@ def serve_command(data_dir: Path | None, address: str, tls_cert: Path | None,
     host, _, port = address.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     tls = _tls(host, tls_cert, tls_key)
-    asyncio.run(serve(data_dir or default_data_dir(), host, int(port or 0), tls=tls,
-                      restart_backoff=restart_backoff, max_workers=max_workers,
-                      upload_proxy_port=upload_proxy_port, reflink_root=reflink_root,
-                      upload_deadline=deadline))
+    try:
+        asyncio.run(serve(data_dir or default_data_dir(), host, int(port or 0), tls=tls,
+                          restart_backoff=restart_backoff, max_workers=max_workers,
+                          upload_proxy_port=upload_proxy_port, reflink_root=reflink_root,
+                          upload_deadline=deadline))
+    except (DatabaseDamaged, DatabaseInUse) as e:
+        raise click.ClickException(str(e)) from e

@@ -5,7 +5,8 @@
 ``selectors`` and ``mergepatch`` the label selector and merge patch formats.
 """
 
-from cdi.backends.embedded.db import DatabaseInUse
+from cdi.backends.embedded.db import DatabaseDamaged, DatabaseInUse
 from cdi.backends.embedded.store import DEFAULT_HISTORY_SIZE, SQLiteStore, StoreClosed
 
-__all__ = ["DEFAULT_HISTORY_SIZE", "DatabaseInUse", "SQLiteStore", "StoreClosed"]
+__all__ = ["DEFAULT_HISTORY_SIZE", "DatabaseDamaged", "DatabaseInUse", "SQLiteStore",
+           "StoreClosed"]

@@ -6,6 +6,9 @@ is killed.  Hence:
 
 - WAL journal with ``synchronous=FULL``: a commit returns only after the WAL
   is synced, so an acknowledged write survives ``kill -9`` and power loss;
+- ``quick_check`` on open: a file damaged outside SQLite's care (a torn copy,
+  a truncated or overwritten file, a bad disk) is refused with
+  ``DatabaseDamaged`` before anything is read from it;
 - ``locking_mode=EXCLUSIVE``: the serving process holds the file for its
   lifetime.  Watches are fed from memory, so a second writer would change
   objects behind their back; a second opener fails at once instead;
@@ -59,6 +62,15 @@ class DatabaseInUse(RuntimeError):
     """Another process has the database open."""
 
 
+class DatabaseDamaged(RuntimeError):
+    """The database file is not a sound SQLite database (torn, truncated or overwritten)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(
+            f"{path} is damaged ({reason}); nothing was served from it. Restore it from a "
+            f"backup, or move it aside to start with an empty state")
+
+
 @dataclasses.dataclass(frozen=True, order=True)
 class Key:
     kind: str
@@ -80,6 +92,12 @@ class Database:
             if mode != "wal":
                 raise RuntimeError(f"{path}: cannot use WAL journal mode (got {mode!r})")
             conn.execute("PRAGMA synchronous=FULL")
+            # Every page's structure, before anything is read from it (milliseconds
+            # for thousands of objects); a damaged file is refused, never served.
+            problems = [" ".join(str(row[0]).split())
+                        for row in conn.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                raise DatabaseDamaged(path, "; ".join(problems))
             db = cls(conn)
             with db.transaction():
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -95,6 +113,9 @@ class Database:
             if "locked" in str(e):
                 raise DatabaseInUse(f"{path} is in use by another process") from e
             raise
+        except sqlite3.DatabaseError as e:  # "file is not a database", "malformed", ...
+            conn.close()
+            raise DatabaseDamaged(path, str(e)) from e
         except BaseException:
             conn.close()
             raise
