@@ -119,6 +119,14 @@ class InvalidDataFile(ProcessingError):
     data_file: str
 
 
+class TruncatedImage(InvalidImage):
+    msg = ("Image {self.image} is invalid because it is truncated: its data reaches byte "
+           "{self.end} but the file ends at byte {self.length}")
+    image: str
+    end: int
+    length: int
+
+
 class ImageTooLarge(ProcessingError):
     msg = (
         "virtual image size {self.virtual} is larger than the reported available storage "

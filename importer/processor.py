@@ -124,6 +124,12 @@ class Processor:
         except errors.InvalidImage as e:
             raise errors.InvalidImage(image=shown, reason=e.reason.replace(url, shown)) from e
         qemu_img.validate(image, url=shown, available=self._target.capacity)
+        try:
+            qemu_img.check_complete(url, fmt=fmt)
+        except errors.TruncatedImage as e:
+            raise errors.TruncatedImage(image=shown, end=e.end, length=e.length) from e
+        except errors.InvalidImage as e:
+            raise errors.InvalidImage(image=shown, reason=e.reason.replace(url, shown)) from e
         self._progress.set_phase("convert")
         self._progress.set_total(image.virtual_size)
         if not self._target.is_block:

@@ -36,6 +36,12 @@ INFO_CPU_SECONDS = 30
 # Formats we hand to qemu-img; "vpc" is qemu's name for VHD.
 ALLOWED_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vpc", "vhdx")
 _BACKING_FORMATS = ("qcow2", "vmdk")  # formats whose open options accept "backing"
+_MAPPED_FORMATS = ("qcow2", "vmdk", "vdi", "vpc", "vhdx")  # data at offsets of the file
+
+MAP_TIMEOUT = 120  # seconds of wall-clock time for `map` (it walks every table)
+MAP_CPU_SECONDS = 60
+TRUNCATION_SLACK = 64 * 1024
+"""Data may end this far past the end of the file (less than a cluster) and still pass."""
 
 # `convert` preallocation methods, tried in order while qemu-img says
 # "Unsupported preallocation mode".
@@ -99,6 +105,37 @@ def validate(image: ImageInfo, *, url: str, available: int) -> None:
         raise errors.InvalidDataFile(image=url, data_file=image.data_file)
     if image.virtual_size > available:
         raise errors.ImageTooLarge(virtual=image.virtual_size, available=available)
+
+
+def check_complete(url: str, *, fmt: str) -> None:
+    """Refuse an image whose data lies past the end of its file: it was cut short.
+
+    qemu-img reads what lies past the end of a file as zeros, so a qcow2,
+    VMDK or VDI that lost its tail (a download that stopped, half a copy)
+    converts without a word into a disk with holes where data was.  ``map``
+    gives where each run of data lives in the file; a run that ends past the
+    file's length (``info -f raw`` of the same URL: a file, or an NBD export
+    of an HTTP source) by ``TRUNCATION_SLACK`` or more means the file is
+    incomplete.  Compressed clusters have no plain offset and are skipped.
+    """
+    if fmt not in _MAPPED_FORMATS:
+        return
+    length = info(url, fmt="raw").virtual_size
+    cmd = [PRLIMIT, f"--as={INFO_ADDRESS_SPACE}", f"--cpu={MAP_CPU_SECONDS}", "--",
+           QEMU_IMG, "map", "--output=json", source_spec(url, fmt)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, timeout=MAP_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired as e:
+        raise errors.InvalidImage(
+            image=url, reason=f"qemu-img map did not finish within {MAP_TIMEOUT} s") from e
+    if p.returncode != 0:
+        raise errors.InvalidImage(image=url, reason=_stderr(p.stderr))
+    end = 0
+    for extent in json.loads(p.stdout):
+        if extent.get("data") and "offset" in extent and not extent.get("compressed"):
+            end = max(end, int(extent["offset"]) + int(extent["length"]))
+    if end >= length + TRUNCATION_SLACK:
+        raise errors.TruncatedImage(image=url, end=end, length=length)
 
 
 def source_spec(url: str, fmt: str) -> str:
