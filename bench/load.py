@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -52,7 +53,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -79,46 +79,9 @@ WATCH_GRACE = 30.0  # seconds the watches get, after the LIST shows all Succeede
 DV_API = "/apis/cdi.kubevirt.io/v1beta1/namespaces/default/datavolumes"
 
 
-class LoadServe(up.Serve):
-    """``bench/upload.py``'s Serve with ``--max-workers`` (none: cdi serve's default)."""
-
-    def __init__(self, root: Path, max_workers: int | None) -> None:
-        super().__init__(root)
-        self.max_workers = max_workers
-
-    def start(self) -> LoadServe:
-        self.root.mkdir(parents=True, exist_ok=True)
-        info = self.data_dir / "server.json"
-        extra = ["--max-workers", str(self.max_workers)] if self.max_workers else []
-        with (self.root / "serve.log").open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cdi.cli.main", "serve", "--data-dir", str(self.data_dir),
-                 "--address", "127.0.0.1:0", *extra],
-                cwd=up.REPO, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        deadline = time.monotonic() + 60
-        while not info.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise up.BenchError("cdi serve did not start:\n" + self.log())
-            time.sleep(0.05)
-        data = json.loads(info.read_text())
-        self.url = data["url"]
-        token = Path(data["token_file"]).read_text().strip()
-        self.session.headers["Authorization"] = f"Bearer {token}"
-        return self
-
-
-@contextmanager
-def serving(root: Path, max_workers: int | None) -> Iterator[LoadServe]:
-    """As ``up.serving``, with a worker limit; the log is kept if the phase breaks."""
-    server = LoadServe(root, max_workers)
-    try:
-        yield server.start()
-    except BaseException:
-        server.stop()
-        print(f"cdi serve log kept in {root}: ...\n{server.log()[-1500:]}", file=sys.stderr)
-        raise
-    server.stop()
-    shutil.rmtree(root, ignore_errors=True)
+def serving(root: Path, max_workers: int | None) -> contextlib.AbstractContextManager[up.Serve]:
+    """``up.serving`` with a worker limit (``cdi serve``'s default when None)."""
+    return up.serving(root, *(["--max-workers", str(max_workers)] if max_workers else []))
 
 
 class AllWorkers(up.WorkerWatch):

@@ -400,8 +400,9 @@ class WorkerWatch(threading.Thread):
 class Serve:
     """A fresh ``cdi serve`` on 127.0.0.1 with its data dir under ROOT."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *args: str) -> None:
         self.root = root
+        self.args = args  # more `cdi serve` options, e.g. --max-workers N
         self.data_dir = root / "data"
         self.env = child_env() | {"XDG_CONFIG_HOME": str(root / "config"),
                                   "CDI_DATA_DIR": str(self.data_dir)}
@@ -421,7 +422,7 @@ class Serve:
         with (self.root / "serve.log").open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cdi.cli.main", "serve", "--data-dir", str(self.data_dir),
-                 "--address", "127.0.0.1:0"],
+                 "--address", "127.0.0.1:0", *self.args],
                 cwd=REPO, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         deadline = time.monotonic() + 60
         while not info.exists():
@@ -531,8 +532,8 @@ class Serve:
 
 
 @contextmanager
-def serving(root: Path) -> Iterator[Serve]:
-    server = Serve(root)
+def serving(root: Path, *args: str) -> Iterator[Serve]:
+    server = Serve(root, *args)
     try:
         yield server.start()
     except BaseException:

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +19,7 @@ import pytest
 import requests
 
 from tests.importer.conftest import Volume
+from tests.support import uploadserver
 from tests.support.xfs import tmpfs
 
 MiB = 1 << 20
@@ -50,19 +48,11 @@ def _body(data: bytes, fill: Path) -> Iterator[bytes]:
 
 def test_upload_onto_a_disk_that_fills_up(small_volume: Volume, tmp_path: Path) -> None:
     data = os.urandom(SIZE)
-    address = small_volume.root / "address"
-    env = {**os.environ, **small_volume.env(), "LISTEN_ADDRESS": "127.0.0.1",
-           "LISTEN_PORT": "0", "UPLOAD_ADDRESS_FILE": str(address),
-           "UPLOAD_IMAGE_SIZE": "16Mi"}
-    with (tmp_path / "server.log").open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "importer.uploadserver"], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+    # The log stays off the small filesystem, which is about to be full.
+    proc, base = uploadserver.start(small_volume, image_size="16Mi",
+                                    log=tmp_path / "server.log")
     try:
-        deadline = time.monotonic() + 15
-        while not address.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
-        url = f"http://{address.read_text().strip()}/v1beta1/upload"
+        url = f"{base}/v1beta1/upload"
         filler = small_volume.root / "filler"
         answer = requests.post(url, data=_body(data, filler), timeout=60)
         assert (answer.status_code, answer.text) == (

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.importer.conftest import Volume, import_in_process, volume
+from tests.support import uploadserver
 
 __all__ = ["HostFile", "UploadServer", "host_file", "import_in_process", "upload_server",
            "volume"]
@@ -68,24 +67,15 @@ UploadServer = Callable[[Volume], str]
 
 @pytest.fixture
 def upload_server() -> Iterator[UploadServer]:
-    """Start ``python -m importer.uploadserver`` (plain HTTP) on a volume; give its URL."""
+    """Start the real upload server (plain HTTP) on a volume; give its URL."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(vol: Volume) -> str:
-        address = vol.root / "address"
-        env = {**os.environ, **vol.env(), "LISTEN_ADDRESS": "127.0.0.1", "LISTEN_PORT": "0",
-               "UPLOAD_ADDRESS_FILE": str(address), "UPLOAD_IMAGE_SIZE": "64Mi"}
-        with (vol.root / "server.log").open("wb") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "importer.uploadserver"],
-                                          env=env, stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 15
-        while not address.exists():
-            assert procs[-1].poll() is None and time.monotonic() < deadline, (
-                (vol.root / "server.log").read_text())
-            time.sleep(0.02)
-        return f"http://{address.read_text().strip()}"
+    def go(vol: Volume) -> str:
+        proc, url = uploadserver.start(vol, image_size="64Mi")
+        procs.append(proc)
+        return url
 
-    yield start
+    yield go
     for proc in procs:
         proc.kill()
         proc.wait()
